@@ -20,7 +20,10 @@ COMMANDS = {
 }
 
 
-class CliError(Exception):
+from compress.errors import CompressError
+
+
+class CliError(CompressError):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (CliError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CompressError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

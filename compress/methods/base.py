@@ -1,0 +1,54 @@
+"""What every pruning method is: a small class that turns a model (+ calibration) into a Plan."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.adapters import Adapter
+from compress.plan import Plan
+
+__all__ = ["PruneResult", "Method", "register", "METHODS"]
+
+METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class PruneResult:
+    """A plan, plus any dense-named tensors the method rewrote (e.g. FLAP's compensation biases)."""
+
+    plan: Plan
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Subclasses set `name`, may add CLI options, and implement `prune`.
+
+    Settings are plain keyword arguments (defaults in `defaults`), recorded in the plan so a
+    run can be reproduced from its record.
+    """
+
+    name: str = ""
+    needs_calibration: bool = True
+    defaults: dict = {}
+
+    def __init__(self, **settings):
+        unknown = set(settings) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"{self.name}: unknown settings {sorted(unknown)}")
+        self.settings = {**self.defaults, **settings}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Method-specific CLI options; their `dest` must match keys of `defaults`."""
+
+    def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
+        """calib: token ids [n_samples, seq_len] (None when `needs_calibration` is False)."""
+        raise NotImplementedError
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,273 @@
+"""A slim decoder-only LM: each layer reads and writes its own subset of the residual stream.
+
+Copied into every exported folder and loaded through `auto_map`, so it imports only torch and
+the public `transformers` API. Per layer (DISP, arXiv 2410.11988):
+
+    a = norm_1(x)[..., attn_in]          # full-width norm, then index-select
+    x = x.index_add(-1, attn_out, attn(a))
+    b = norm_2(x)[..., mlp_in]
+    x = x.index_add(-1, mlp_out, mlp(b))
+
+Index tensors are buffers stored beside the weights; a full-width selection has no buffer and
+costs nothing. Layers may keep different numbers of query/KV heads (the KV cache follows) or
+none at all (the sublayer is skipped; a bias left by bias compensation is still added).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_slim import SlimConfig
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: SlimConfig, dim: int) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin, rope_dim: int):
+    # x: [B, H, T, D]; cos/sin: [B, 1, T, rope_dim]
+    if rope_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def index_buffer(module: nn.Module, name: str, width: int, full: int) -> None:
+    """Register an int64 index buffer when a sublayer uses only part of the residual stream."""
+    if width < full:
+        module.register_buffer(name, torch.arange(width, dtype=torch.long))
+    else:
+        setattr(module, name, None)
+
+
+class SlimAttention(nn.Module):
+    def __init__(self, config: SlimConfig, i: int):
+        super().__init__()
+        self.heads, self.kv_heads = config.layer_heads[i], config.layer_kv_heads[i]
+        self.head_dim, self.rope_dim = config.head_dim, config.rope_dim
+        self.window = config.sliding_window
+        d_in, d_out, hd = config.layer_attn_in[i], config.layer_attn_out[i], config.head_dim
+        has_o_bias = config.layer_o_bias[i]
+        if self.heads:
+            self.q_proj = nn.Linear(d_in, self.heads * hd, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(d_in, self.kv_heads * hd, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(d_in, self.kv_heads * hd, bias=config.qkv_bias)
+            self.o_proj = nn.Linear(self.heads * hd, d_out, bias=has_o_bias)
+            # kv_map[h]: which kept KV head query head h reads (any GQA grouping).
+            self.register_buffer("kv_map", torch.zeros(self.heads, dtype=torch.long))
+            if config.qk_norm:
+                self.q_norm = RMSNorm(hd, config.norm_eps)
+                self.k_norm = RMSNorm(hd, config.norm_eps)
+        elif has_o_bias:
+            self.out_bias = nn.Parameter(torch.zeros(d_out))
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache, layer_idx):
+        B, T, _ = x.shape
+        if not self.heads:
+            if cache is not None:  # keep the cache's length bookkeeping uniform across layers
+                empty = x.new_zeros(B, 0, T, self.head_dim)
+                cache.update(empty, empty, layer_idx)
+            return getattr(self, "out_bias", None)
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.heads, hd)
+        k = self.k_proj(x).view(B, T, self.kv_heads, hd)
+        v = self.v_proj(x).view(B, T, self.kv_heads, hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd]
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin, self.rope_dim), apply_rope(k, cos, sin, self.rope_dim)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        if self.kv_heads != self.heads:
+            k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * hd))
+
+
+class SlimMLP(nn.Module):
+    def __init__(self, config: SlimConfig, i: int):
+        super().__init__()
+        d_in, d_out, m = config.layer_mlp_in[i], config.layer_mlp_out[i], config.layer_intermediate[i]
+        self.width, self.gated = m, config.gated_mlp
+        self.act = ACTIVATIONS[config.hidden_act]
+        if m:
+            if self.gated:
+                self.gate_proj = nn.Linear(d_in, m, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(d_in, m, bias=config.mlp_bias)
+            self.down_proj = nn.Linear(m, d_out, bias=config.layer_down_bias[i])
+        elif config.layer_down_bias[i]:
+            self.out_bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        if not self.width:
+            return getattr(self, "out_bias", None)
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class SlimDecoderLayer(nn.Module):
+    def __init__(self, config: SlimConfig, i: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = i
+        self.input_layernorm = make_norm(config, d)
+        self.post_attention_layernorm = make_norm(config, d)
+        self.self_attn = SlimAttention(config, i)
+        self.mlp = SlimMLP(config, i)
+        index_buffer(self, "attn_in_index", config.layer_attn_in[i], d)
+        index_buffer(self, "attn_out_index", config.layer_attn_out[i], d)
+        index_buffer(self, "mlp_in_index", config.layer_mlp_in[i], d)
+        index_buffer(self, "mlp_out_index", config.layer_mlp_out[i], d)
+
+    @staticmethod
+    def _read(x, index):
+        return x if index is None else x.index_select(-1, index)
+
+    @staticmethod
+    def _write(x, index, y):
+        if y is None:
+            return x
+        if index is None:
+            return x + y
+        return x.index_add(-1, index, y.to(x.dtype).expand(*x.shape[:-1], y.shape[-1]))
+
+    def forward(self, x, cos, sin, mask, cache):
+        a = self._read(self.input_layernorm(x), self.attn_in_index)
+        x = self._write(x, self.attn_out_index, self.self_attn(a, cos, sin, mask, cache, self.layer_idx))
+        b = self._read(self.post_attention_layernorm(x), self.mlp_in_index)
+        return self._write(x, self.mlp_out_index, self.mlp(b))
+
+
+class SlimPreTrainedModel(PreTrainedModel):
+    config_class = SlimConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SlimDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data.zero_()
+
+
+class SlimModel(SlimPreTrainedModel):
+    def __init__(self, config: SlimConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(
+                config.max_position_embeddings + config.position_offset, config.hidden_size
+            )
+        # A plain attribute, not a buffer: `.to(float16)` must not round the frequencies.
+        self.rope_inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")
+        self.layers = nn.ModuleList(SlimDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config, config.hidden_size)
+        self.post_init()
+
+    def _mask(self, attention_mask, past, T, device):
+        """Boolean [B, 1, T, past+T] mask: causal by cache slot, padding, optional sliding window."""
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.config.sliding_window:
+            allowed = allowed & (k_pos > q_pos - self.config.sliding_window)
+        allowed = allowed[None] & attention_mask[:, None, :S].bool()
+        # Rows with nothing to attend to (queries at padding) would give NaN: let them see all.
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed[:, None]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, past:]
+        mask = self._mask(attention_mask, past, T, x.device)
+
+        cos = sin = None
+        if self.config.positions == "learned":
+            x = x + self.embed_positions(position_ids + self.config.position_offset)
+        else:
+            inv_freq = self.rope_inv_freq.to(x.device)
+            freqs = position_ids[:, None, :, None].float() * inv_freq  # [B, 1, T, rope/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = self.config.rope_attention_scaling
+            cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, past_key_values)
+        return self.norm(x), past_key_values
+
+
+class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SlimConfig):
+        super().__init__(config)
+        self.model = SlimModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        hidden, cache = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
