@@ -1,0 +1,114 @@
+"""The Python API: `prune(model, method, ratio, calib)` -> PruneResult, `export(model, result, out)`.
+
+The CLI is a thin shell over these two calls.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from compress.adapters import get_adapter
+from compress.errors import CompressError
+from compress.methods import METHODS, PruneResult
+from compress.plan import model_identity
+from compress.slimming import build_slim_model, slim_config, slim_state_dict
+from exporters.hf_folder import REPLACED_FILE, read_weights, staged_folder, write_model_files, write_weights
+from validation.parity import TOLERANCES, Check, raise_on_failure, run_parity
+from validation.report import build_report, write_report
+
+__all__ = ["prune", "export", "check_ratio", "check_folder"]
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0.0 < ratio < 1.0:
+        raise CompressError(f"--ratio must be strictly between 0 and 1 (fraction of decoder-layer linear weights removed), got {ratio}")
+    return ratio
+
+
+def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, seed: int = 0,
+          **settings) -> PruneResult:
+    """Run a pruning method; the returned plan carries the model's identity and the settings used."""
+    check_ratio(ratio)
+    if method not in METHODS:
+        raise CompressError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    adapter = get_adapter(model.config)
+    m = METHODS[method](**settings)
+    if m.needs_calibration and calib is None:
+        raise CompressError(f"method {method!r} needs calibration token ids")
+    torch.manual_seed(seed)
+    result = m.prune(model, adapter, ratio, calib if m.needs_calibration else None, seed)
+    g = adapter.geometry()
+    plan = result.plan
+    plan.check(g)
+    plan.base = model_identity(model, g)
+    plan.method, plan.settings, plan.seed = method, {"ratio": ratio, **m.settings}, seed
+    return result
+
+
+def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None, overwrite: bool = False, check: bool = True,
+           max_shard_size: str | int = "2GB", quality: dict | None = None, extra: dict | None = None) -> dict:
+    """Write the slim folder (weights, config, modeling code, tokenizer, plan, report) atomically.
+
+    With `check`, parity is run first (on `calib` token windows, or random tokens) and a failure
+    raises before anything is written. Returns the report.
+    """
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    plan, replaced = result.plan, result.replaced
+    plan.check(g)
+    ids = calib if calib is not None else torch.randint(0, model.config.vocab_size, (3, 48),
+                                                        generator=torch.Generator().manual_seed(0))
+    checks = []
+    if check:
+        t0 = time.perf_counter()
+        checks = run_parity(model, adapter, plan, replaced, ids)
+        for c in checks:
+            print("  parity " + c.line())
+        raise_on_failure(checks)
+        extra = {**(extra or {}), "parity_seconds": round(time.perf_counter() - t0, 2)}
+    sd = slim_state_dict(model, adapter, plan, replaced)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    config = slim_config(model, adapter, plan, replaced)
+    config.dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    report = build_report(model, adapter, plan, sd, checks, TOLERANCES, quality=quality, extra=extra)
+    with staged_folder(out, overwrite=overwrite) as folder:
+        bar = lambda it: tqdm(list(it), desc="writing shards", unit="shard", leave=False)  # noqa: E731
+        report["files"]["slim_weight_bytes"] = write_weights(folder, sd, max_shard_size, progress=bar)
+        write_model_files(folder, config, tokenizer, getattr(model, "generation_config", None))
+        plan.save(folder / "plan.json")
+        if replaced:
+            save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
+        load = check_folder(folder, model, result, sd)
+        print("  parity " + load.line())
+        raise_on_failure([load])
+        report["parity"].append(load.to_dict())
+        write_report(folder, report)
+    return report
+
+
+def check_folder(folder: str | Path, model, result: PruneResult, expected: dict[str, torch.Tensor]) -> Check:
+    """The folder as transformers loads it (remote code) holds exactly `expected` and computes
+    the same logits as the slim model built in memory (both in float32 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    on_disk = read_weights(Path(folder))
+    if on_disk.keys() != expected.keys() or not all(torch.equal(on_disk[k], expected[k].cpu()) for k in expected):
+        return Check("files", "cpu", "float32", float("inf"), TOLERANCES["float32"], False,
+                     "tensors on disk differ from the slim state dict")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
+    mem = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced).float().cpu()
+    # A half-precision export is compared with the in-memory model rounded the same way.
+    mem.load_state_dict({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in expected.items()},
+                        strict=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (loaded(input_ids=ids).logits - mem(input_ids=ids).logits).abs().max().item()
+    return Check("files", "cpu", "float32", diff, TOLERANCES["float32"], diff <= TOLERANCES["float32"],
+                 "folder loaded by transformers == in-memory slim")

@@ -1,0 +1,94 @@
+"""Write a slim model as a Hugging Face folder: sharded safetensors, config, modeling code, tokenizer.
+
+Everything goes to a hidden staging folder beside the destination and is moved into place
+only when complete, so an interrupted export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compress.errors import CompressError
+from compress.slim import SOURCE_FILES
+
+__all__ = ["staged_folder", "write_weights", "write_model_files", "read_weights", "INDEX_FILE", "REPLACED_FILE"]
+
+INDEX_FILE = "model.safetensors.index.json"
+REPLACED_FILE = "replaced.safetensors"
+
+
+@contextmanager
+def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `out`, on any error it is removed."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_weights(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_size: str | int = "2GB",
+                  progress: Callable[[Iterator], Iterator] = iter) -> int:
+    """Sharded safetensors plus an index file (always written, even for one shard); returns bytes."""
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, names in progress(split.filename_to_tensors.items()):
+        save_file({n: state_dict[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder written by `write_weights`, with a one-line error if any is unreadable."""
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        raise CompressError(f"{folder}: no {INDEX_FILE}; not a folder written by `compress export`")
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    out = {}
+    for filename in sorted(set(weight_map.values())):
+        try:
+            with safe_open(str(folder / filename), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise CompressError(f"{folder / filename}: unreadable safetensors file ({e})") from None
+    missing = set(weight_map) - set(out)
+    if missing:
+        raise CompressError(f"{folder}: tensors listed in the index are missing: {sorted(missing)[:3]}")
+    return out
+
+
+def write_model_files(folder: Path, config, tokenizer=None, generation_config=None) -> None:
+    """config.json (with auto_map), the slim modeling files, tokenizer and generation config."""
+    config.save_pretrained(folder)
+    for src in SOURCE_FILES:
+        shutil.copy(src, folder / src.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
