@@ -1,0 +1,98 @@
+"""Prune a causal LM and write a slim, loadable, parity-checked folder.
+
+Without --model, the small reference model shipped with this package is used, so the whole
+pipeline runs offline in minutes. --ratio is the fraction of decoder-layer linear weights
+(q/k/v/o and MLP) removed; the report also gives it as a fraction of all parameters.
+The folder is written to a staging folder and moved into place only after every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from compress.methods import METHODS
+from compress.pipeline import check_ratio, export, prune
+
+DEFAULT_METHOD = "disp" if "disp" in METHODS else "wanda-sp"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a dense model and calibration text."""
+    p.add_argument("--model", default=None, help="dense model folder or Hub id (default: the shipped reference model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the exported weights")
+    p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--calib", default=None, help="calibration text file (default: the shipped calibration slice)")
+    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="pruning method")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-layer linear weights to remove, in (0, 1)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice; same seed, same bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="held-out windows for the report's perplexity/KL (0 to skip)")
+    p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        group = p.add_argument_group(f"{name} options")
+        cls.add_arguments(group)
+
+
+def method_settings(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in METHODS[args.method].defaults if hasattr(args, k)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.reference import CALIB_TEXT, TEST_TEXT
+    from compress.textdata import load_text, token_stream, windows
+    from validation.quality import compare
+
+    check_ratio(args.ratio)
+    out = args.out.resolve()
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=device)
+    tokenizer = load_tokenizer(args.model)
+    calib = windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len, args.calib_samples)
+    print(f"loaded {args.model or 'the reference model'} on {device}; calibration {tuple(calib.shape)} tokens")
+
+    t1 = time.perf_counter()
+    result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
+    prune_s = time.perf_counter() - t1
+
+    quality = {}
+    if args.eval_windows:
+        from compress.adapters import get_adapter
+        from compress.slimming import build_slim_model
+
+        slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
+        q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
+                    max_windows=args.eval_windows, device=device)
+        quality = {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
+                   "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+    extra = {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
+             else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
+    report = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
+                    check=args.check, max_shard_size=args.max_shard_size, quality=quality, extra=extra)
+    if args.onnx:
+        from compress.commands.onnx import export_folder_onnx
+
+        export_folder_onnx(out, dense=model)
+    from validation.report import summary_lines
+
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0

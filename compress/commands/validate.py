@@ -1,0 +1,72 @@
+"""Re-run the parity checks of an exported folder against its dense model.
+
+Checks that the plan belongs to the dense model, that the files hold exactly the slim tensors
+the plan gives, that the folder loaded by transformers computes the same logits, and the
+equivalence / identity / generation checks (CPU float32; CUDA float16 and bfloat16 when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from compress.errors import CompressError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a folder written by `compress export`")
+    p.add_argument("--model", default=None, help="the dense model (default: the one recorded in report.json)")
+    p.add_argument("--device", default="auto", help="device for the dense model: auto, cpu, cuda")
+    p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
+
+
+def load_export(folder: Path) -> tuple[dict, "Plan", dict]:  # noqa: F821
+    """report.json, the plan and the rewritten dense tensors of an exported folder."""
+    from compress.plan import Plan
+    from exporters.hf_folder import REPLACED_FILE
+
+    if not (folder / "plan.json").is_file():
+        raise CompressError(f"{folder}: no plan.json; not a folder written by `compress export`")
+    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
+    replaced = load_file(str(folder / REPLACED_FILE)) if (folder / REPLACED_FILE).is_file() else {}
+    return report, Plan.load(folder / "plan.json"), replaced
+
+
+def run(args: argparse.Namespace) -> int:
+    from compress.adapters import get_adapter
+    from compress.loading import load_model, load_tokenizer, resolve_device
+    from compress.methods import PruneResult
+    from compress.pipeline import check_folder
+    from compress.plan import model_identity
+    from compress.reference import CALIB_TEXT
+    from compress.slimming import slim_state_dict
+    from compress.textdata import load_text, token_stream, windows
+    from exporters.hf_folder import read_weights
+    from validation.parity import raise_on_failure, run_parity
+
+    folder = args.folder.resolve()
+    report, plan, replaced = load_export(folder)
+    base = args.model or report.get("base_model")
+    model = load_model(None if base in (None, "reference") else base, device=resolve_device(args.device))
+    adapter = get_adapter(model.config)
+    plan.check_identity(model_identity(model, adapter.geometry()))
+    print(f"plan matches {base or 'the reference model'} ({plan.base.get('fingerprint')})")
+
+    on_disk = read_weights(folder)
+    dtype = next(iter(on_disk.values())).dtype
+    expected = {k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
+    files = check_folder(folder, model, PruneResult(plan, replaced), expected)
+    tokenizer = load_tokenizer(folder)
+    ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
+    checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
+    for c in checks:
+        print("parity " + c.line())
+    if args.json:
+        args.json.write_text(json.dumps([c.to_dict() for c in checks], indent=1) + "\n")
+    raise_on_failure(checks)
+    print(f"{folder}: all {len(checks)} checks passed")
+    return 0
