@@ -88,7 +88,7 @@ class Adapter:
             "qk_norm": self.qk_norm,
             "positions": "rope",
             "position_offset": 0,
-            "sliding_window": self.sliding_window(),
+            "attention_window": self.sliding_window(),
             "max_position_embeddings": c.max_position_embeddings,
             "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
         }
@@ -172,7 +172,7 @@ class OPTAdapter(Adapter):
         return {
             "norm": "layer", "norm_eps": 1e-5, "hidden_act": c.activation_function, "gated_mlp": False,
             "qk_norm": False, "positions": "learned", "position_offset": 2,
-            "sliding_window": None, "max_position_embeddings": c.max_position_embeddings,
+            "attention_window": None, "max_position_embeddings": c.max_position_embeddings,
             "tie_word_embeddings": bool(c.tie_word_embeddings),
         }
 

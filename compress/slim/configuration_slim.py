@@ -28,7 +28,7 @@ class SlimConfig(PretrainedConfig):
         position_offset=0,
         rope_inv_freq=None,
         rope_attention_scaling=1.0,
-        sliding_window=None,
+        attention_window=None,
         max_position_embeddings=2048,
         layer_heads=None,
         layer_kv_heads=None,
@@ -61,7 +61,9 @@ class SlimConfig(PretrainedConfig):
         self.rope_inv_freq = list(rope_inv_freq or [])
         self.rope_dim = 2 * len(self.rope_inv_freq)
         self.rope_attention_scaling = rope_attention_scaling
-        self.sliding_window = sliding_window
+        # Not named `sliding_window`: transformers would then build a cache that drops old
+        # tokens, while this model masks them itself over a full cache.
+        self.attention_window = attention_window
         self.max_position_embeddings = max_position_embeddings
         self.use_cache = use_cache
         n = num_hidden_layers

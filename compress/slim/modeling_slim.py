@@ -79,7 +79,7 @@ class SlimAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads = config.layer_heads[i], config.layer_kv_heads[i]
         self.head_dim, self.rope_dim = config.head_dim, config.rope_dim
-        self.window = config.sliding_window
+        self.window = config.attention_window
         d_in, d_out, hd = config.layer_attn_in[i], config.layer_attn_out[i], config.head_dim
         has_o_bias = config.layer_o_bias[i]
         if self.heads:
@@ -208,8 +208,8 @@ class SlimModel(SlimPreTrainedModel):
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = k_pos <= q_pos
-        if self.config.sliding_window:
-            allowed = allowed & (k_pos > q_pos - self.config.sliding_window)
+        if self.config.attention_window:
+            allowed = allowed & (k_pos > q_pos - self.config.attention_window)
         allowed = allowed[None] & attention_mask[:, None, :S].bool()
         # Rows with nothing to attend to (queries at padding) would give NaN: let them see all.
         allowed = allowed | ~allowed.any(-1, keepdim=True)

@@ -1,0 +1,122 @@
+"""Per-channel statistics of what chosen linears read, gathered by running the dense model.
+
+Wanda-sp needs E[x^2] and FLAP needs the mean and variance of every input channel of
+`o_proj` / `down_proj`; other methods may want other modules. One pass with forward
+pre-hooks collects count, sum and sum of squares in float64, from which all three follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapters import Adapter
+
+__all__ = ["ChannelStats", "collect_input_stats", "run_calibration", "model_device"]
+
+
+@dataclass
+class ChannelStats:
+    """Running float64 count / sum / sum of squares of each channel of a module's input."""
+
+    count: int
+    sum: torch.Tensor  # [C] float64
+    sumsq: torch.Tensor  # [C] float64
+
+    @classmethod
+    def empty(cls, channels: int, device=None) -> ChannelStats:
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        return cls(0, z, z.clone())
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += (x * x).sum(0, dtype=torch.float64)
+
+    def to(self, device) -> ChannelStats:
+        return ChannelStats(self.count, self.sum.to(device), self.sumsq.to(device))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        """E[x^2] per channel."""
+        return self.sumsq / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel (E[x^2] - E[x]^2, clamped at 0 against rounding)."""
+        return (self.sq_mean - self.mean ** 2).clamp_min(0.0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int = 8, device=None,
+                    desc: str = "calibration", progress: bool = True) -> None:
+    """Forward `calib` ([n, seq_len] token ids) through `model` in mini-batches, for the hooks' sake."""
+    if calib is None or calib.dim() != 2 or calib.shape[0] == 0:
+        raise ValueError(f"calibration data must be token ids [n_samples, seq_len], got "
+                         f"{None if calib is None else tuple(calib.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = device or model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(0, calib.shape[0], batch_size), desc=desc, unit="batch",
+                          disable=not progress, dynamic_ncols=True):
+                model(input_ids=calib[i:i + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _input_hooks(modules: dict[tuple[int, str], nn.Module], stats: dict) -> Iterator[None]:
+    def hook(key):
+        def fn(module, args):
+            stats[key].update(args[0])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(key)) for key, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_input_stats(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8,
+                        device=None, parts: Sequence[str] = ("o", "down"),
+                        progress: bool = True) -> list[dict[str, ChannelStats]]:
+    """Per layer, {part name: stats of that linear's input} over all calibration tokens.
+
+    `parts` are `LayerParts` field names (default the two consumers structured pruning
+    scores: `o` reads the heads' outputs, `down` the MLP hidden channels). Stats are
+    returned on the CPU; they are small (one vector per channel).
+    """
+    modules: dict[tuple[int, str], nn.Module] = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        lp = adapter.parts(layer)
+        for name in parts:
+            mod = getattr(lp, name)
+            if mod is None:
+                raise ValueError(f"layer {i} has no {name!r} module")
+            modules[(i, name)] = mod
+    stats = {key: ChannelStats.empty(m.in_features, m.weight.device) for key, m in modules.items()}
+    with _input_hooks(modules, stats):
+        run_calibration(model, calib, batch_size, device, progress=progress)
+    out: list[dict[str, ChannelStats]] = [{} for _ in adapter.layers(model)]
+    for (i, name), s in stats.items():
+        out[i][name] = s.to("cpu")
+    return out

@@ -1,0 +1,93 @@
+"""FLAP (An et al., AAAI 2024): fluctuation metric, adaptive structure, bias compensation.
+
+- Metric: input channel j of o_proj / down_proj scores Var(x_j) * ||W[:, j]||^2, the output
+  energy that channel's fluctuation around its mean contributes; a head sums its columns.
+  A channel that barely fluctuates can be replaced by a constant, so it is cheap to remove.
+- Structure: "global" allocation standardises the scores (per layer and type, as the
+  reference code; or per type across layers) and removes the lowest-ranked units of all
+  layers until the budget is met, so layers end up with different widths.
+- Compensation: the removed channels' mean contribution W[:, removed] @ E[x_removed] is
+  added to the consumer's bias, returned in `PruneResult.replaced` under the dense names
+  (a bias the dense model lacks is created, full [out_features]).
+
+Differences from the reference code, all deliberate: the metric is used as is (the code
+squares it for heads) and standardised per head rather than per column, so a head and an
+MLP channel are ranked on the same footing; parameter costs are the real ones (GQA-aware),
+not 512/3; statistics come from one pass of the dense model (as the code does for FLAP).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from compress.adapters import Adapter
+from compress.calibration import ChannelStats, collect_input_stats
+from compress.methods.base import PruneResult, register
+from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, ScoredMethod, add_option, check_ratio
+from compress.methods.wanda_sp import column_scores
+from compress.plan import Plan
+
+__all__ = ["FLAP", "fluctuation_metric", "compensation_biases"]
+
+
+def fluctuation_metric(w: torch.Tensor, s: ChannelStats) -> torch.Tensor:
+    return s.var * w.float().pow(2).sum(0, dtype=torch.float64)
+
+
+def compensation_biases(model, adapter: Adapter, plan: Plan, stats: list[dict[str, ChannelStats]]
+                        ) -> dict[str, torch.Tensor]:
+    """bias + W[:, removed] @ mean(x[removed]) for every o_proj / down_proj that lost inputs."""
+    g = adapter.geometry()
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer, lp, s in zip(adapter.layers(model), plan.layers, stats):
+            p, r = adapter.parts(layer), lp.resolved(g)
+            kept_cols = (torch.tensor(r.heads, dtype=torch.long)[:, None] * g.head_dim
+                         + torch.arange(g.head_dim)).reshape(-1)
+            for mod, st, kept, width in ((p.o, s["o"], kept_cols, g.num_heads * g.head_dim),
+                                         (p.down, s["down"], torch.tensor(r.mlp_hidden, dtype=torch.long),
+                                          g.intermediate)):
+                if len(kept) == width:
+                    continue
+                w = mod.weight
+                mean = st.mean.to(w.device).clone()
+                mean[kept.to(w.device)] = 0.0
+                bias = w.double() @ mean
+                if mod.bias is not None:
+                    bias += mod.bias.double()
+                out[f"{names[mod]}.bias"] = bias.to(w.dtype)
+    return out
+
+
+@register
+class FLAP(ScoredMethod):
+    """Fluctuation-scored heads and channels, global adaptive widths, bias compensation."""
+
+    name = "flap"
+    needs_calibration = True
+    defaults = {**ScoredMethod.defaults, "allocation": "global", "standardize": "layer",
+                "bias_compensation": True, "calib_batch_size": 8}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_option(group, "--allocation", dest="allocation", default="global", choices=ALLOCATIONS,
+                   help="flap: one global ranking of all layers' units (adaptive widths) or the same ratio per layer")
+        add_option(group, "--standardize", dest="standardize", default="layer", choices=STANDARDIZATIONS,
+                   help="flap, global allocation: standardise scores per layer and type, or per type across layers")
+        add_option(group, "--no-bias-compensation", dest="bias_compensation", action="store_false",
+                   help="flap: do not fold the removed channels' mean output into the o_proj/down_proj biases")
+        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
+                   help="windows per forward pass while collecting activation statistics")
+
+    def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
+        check_ratio(ratio)
+        stats = collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
+        head, mlp = column_scores(model, adapter, stats, fluctuation_metric)
+        plan = self.plan(adapter.geometry(), head, mlp, ratio, seed,
+                         allocation=self.settings["allocation"], standardize=self.settings["standardize"])
+        replaced = compensation_biases(model, adapter, plan, stats) if self.settings["bias_compensation"] else {}
+        return PruneResult(plan, replaced)

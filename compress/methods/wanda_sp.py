@@ -1,0 +1,61 @@
+"""Wanda-sp: structured Wanda, the baseline of the FLAP paper.
+
+Input channel j of o_proj / down_proj scores sum_i |W_ij| * sqrt(E[x_j^2]) (weight size
+times input size); a head sums its head_dim columns. Uniform allocation.
+
+The statistics come from one pass of the dense model; the reference code instead feeds
+each layer the output of the already-pruned layers before it. With uniform allocation and
+per-layer ranking the two differ only through that input drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from compress.adapters import Adapter
+from compress.calibration import collect_input_stats
+from compress.methods.base import PruneResult, register
+from compress.methods.select import ScoredMethod, add_option, check_ratio
+
+__all__ = ["WandaSP", "column_scores"]
+
+
+def column_scores(model, adapter: Adapter, stats, metric) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `metric(weight, channel_stats) -> [in_features]` to every o_proj / down_proj and
+    sum o_proj columns per head -> (heads [L, num_heads], MLP [L, intermediate]) on the CPU."""
+    g = adapter.geometry()
+    heads, mlp = [], []
+    with torch.no_grad():
+        for layer, s in zip(adapter.layers(model), stats):
+            p = adapter.parts(layer)
+            o = metric(p.o.weight, s["o"].to(p.o.weight.device)).cpu()
+            heads.append(o.reshape(g.num_heads, g.head_dim).sum(1))
+            mlp.append(metric(p.down.weight, s["down"].to(p.down.weight.device)).cpu())
+    return torch.stack(heads), torch.stack(mlp)
+
+
+def wanda_metric(w: torch.Tensor, s) -> torch.Tensor:
+    return w.float().abs().sum(0, dtype=torch.float64) * s.sq_mean.sqrt()
+
+
+@register
+class WandaSP(ScoredMethod):
+    """|W| * ||x|| per o_proj / down_proj input channel, uniform per-layer ratio."""
+
+    name = "wanda-sp"
+    needs_calibration = True
+    defaults = {**ScoredMethod.defaults, "calib_batch_size": 8}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
+                   help="windows per forward pass while collecting activation statistics")
+
+    def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
+        check_ratio(ratio)
+        stats = collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
+        head, mlp = column_scores(model, adapter, stats, wanda_metric)
+        return PruneResult(self.plan(adapter.geometry(), head, mlp, ratio, seed))
