@@ -19,7 +19,7 @@ from compress.masking import masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 
-__all__ = ["TOLERANCES", "Check", "parity_batch", "run_parity", "raise_on_failure", "parity_targets"]
+__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "Check", "parity_batch", "run_parity", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float32 differs only by summation order; half
 # precisions round every matmul of different inner width differently.
@@ -27,6 +27,11 @@ TOLERANCES = {
     "float32": 1e-4,
     "float16": 2e-2,
     "bfloat16": 1.5e-1,
+}
+# ONNX (onnxruntime) vs slim PyTorch logits, prefill and every decode step.
+ONNX_TOLERANCES = {
+    "float32": 1e-4,
+    "float16": 1e-2,
 }
 GENERATION_TOKENS = 32
 

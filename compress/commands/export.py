@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 
-        export_folder_onnx(out, dense=model)
+        export_folder_onnx(out)
     from validation.report import summary_lines
 
     for line in summary_lines(report):

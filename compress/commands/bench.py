@@ -1,0 +1,115 @@
+"""Prefill and decode speed: dense vs slim, PyTorch vs onnxruntime, measured side by side.
+
+Slim models come from exported folders (--slim) or are pruned on the fly (--ratio, with
+--method; magnitude needs no calibration). --shape llama2-7b builds a model of LLaMA-2-7B
+shape with random weights (speed does not depend on the values); --layers shortens it to fit
+smaller machines. The ideal decode speedup (from weight + KV-cache bytes read per token) is
+printed beside the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="dense model folder (default: the shipped reference model)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of this shape instead")
+    p.add_argument("--layers", type=int, default=None, help="with --shape: number of layers")
+    p.add_argument("--slim", type=Path, nargs="*", default=[], help="exported slim folders to compare")
+    p.add_argument("--ratio", type=float, nargs="*", default=[], help="prune on the fly at these ratios")
+    p.add_argument("--method", default="magnitude", help="method for --ratio")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
+    p.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
+
+
+def _dense(args, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from compress.loading import load_model
+
+    if args.shape is None:
+        return load_model(args.model, dtype=dtype, device=device), args.model or "reference"
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype)
+    return model.eval(), f"{args.shape} (random weights, {shape['num_hidden_layers']} layers)"
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from compress.adapters import get_adapter
+    from compress.loading import resolve_device, resolve_dtype
+    from compress.pipeline import prune
+    from compress.plan import Plan
+    from compress.slimming import build_slim_model
+    from validation.bench import format_table, torch_speed
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    dense, name = _dense(args, device, dtype)
+    adapter = get_adapter(dense.config)
+    slims = {"dense": build_slim_model(dense, adapter, Plan.keep_all(adapter.geometry()))}
+    for folder in args.slim:
+        slims[folder.name] = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True,
+                                                                  dtype=dtype).to(device).eval()
+    calib = None
+    for ratio in args.ratio:
+        if calib is None and args.method != "magnitude":
+            from compress.loading import load_tokenizer
+            from compress.reference import CALIB_TEXT
+            from compress.textdata import load_text, token_stream, windows
+
+            calib = windows(token_stream(load_tokenizer(args.model), load_text(CALIB_TEXT)), 256, 32).to(device)
+        result = prune(dense, args.method, ratio, calib)
+        slims[f"{args.method}@{ratio}"] = build_slim_model(dense, adapter, result.plan, result.replaced)
+
+    shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
+    rows = [torch_speed(m, label, **shape) for label, m in slims.items()]
+    if args.onnx:
+        rows += _onnx_rows(slims, dtype, shape)
+    title = (f"{name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
+             f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")
+    table = format_table(rows)
+    print(title)
+    print(table)
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write(f"\n{title}\n\n{table}\n")
+    return 0
+
+
+def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
+    from exporters.onnx_export import export_onnx
+    from exporters.onnx_runner import OnnxRunner
+    from validation.bench import onnx_speed
+
+    rows = []
+    onnx_dtype = "float16" if dtype == torch.float16 else "float32"
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, m in slims.items():
+            out = Path(tmp) / label
+            export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype)
+            rows.append(onnx_speed(OnnxRunner(out), m, label, **shape))
+    return rows

@@ -1,0 +1,85 @@
+"""Export a slim folder to ONNX (with per-layer KV cache inputs/outputs) and check parity.
+
+Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (model.onnx, its external data, onnx_config.json describing the cache) through
+a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
+decode step, 32 greedy tokens) on CPU, and on CUDA when onnxruntime-gpu and a GPU are present,
+and records the results in the folder's report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a folder written by `compress export`")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="ONNX model dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
+
+
+def onnx_parity(slim, onnx_dir: Path, dtype: str, ids: torch.Tensor) -> list:
+    """Checks of ONNX vs slim PyTorch on every available provider; see validation.parity for tolerances."""
+    from exporters.onnx_runner import OnnxRunner, check_onnx_parity, cuda_provider_available
+    from validation.parity import GENERATION_TOKENS, ONNX_TOLERANCES, Check
+
+    targets = [("cpu", "CPUExecutionProvider")] if dtype == "float32" else []
+    if torch.cuda.is_available() and cuda_provider_available():
+        targets.append(("cuda", "CUDAExecutionProvider"))
+    checks = []
+    tdtype = getattr(torch, dtype)
+    for device, provider in targets:
+        runner = OnnxRunner(onnx_dir, providers=[provider])
+        r = check_onnx_parity(slim.to(device, tdtype), runner, ids.to(device), steps=GENERATION_TOKENS)
+        tol = ONNX_TOLERANCES[dtype]
+        diff = max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"])
+        checks.append(Check("onnx", device, dtype, diff, tol, diff <= tol and r["greedy_identical"],
+                            f"prefill {r['prefill_max_abs_diff']:.1e}, decode {r['decode_max_abs_diff']:.1e}, "
+                            f"greedy {GENERATION_TOKENS} tokens {'identical' if r['greedy_identical'] else 'DIFFER'}"))
+    slim.to("cpu", torch.float32)
+    return checks
+
+
+def onnx_dir(folder: Path, dtype: str) -> Path:
+    return folder / ("onnx" if dtype == "float32" else f"onnx-{dtype}")
+
+
+def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = False) -> list:
+    """ONNX for an exported folder, parity-checked before it is moved into DIR/onnx."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.reference import CALIB_TEXT
+    from compress.textdata import load_text, token_stream, windows
+    from compress.loading import load_tokenizer
+    from exporters.hf_folder import staged_folder
+    from exporters.onnx_export import export_onnx
+    from validation.parity import raise_on_failure
+
+    folder = Path(folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise CompressError(f"{folder}: not a model folder (no config.json)")
+    slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
+    ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
+    with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:
+        export_onnx(slim, staging, dtype=dtype)
+        checks = onnx_parity(slim, staging, dtype, ids)
+        for c in checks:
+            print("  parity " + c.line())
+        raise_on_failure(checks)
+    report_path = folder / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report.setdefault("onnx", {})[dtype] = [c.to_dict() for c in checks]
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+    return checks
+
+
+def run(args: argparse.Namespace) -> int:
+    checks = export_folder_onnx(args.folder, args.dtype, args.overwrite)
+    print(f"wrote {onnx_dir(args.folder.resolve(), args.dtype)} ({len(checks)} parity checks passed)")
+    return 0
