@@ -48,7 +48,9 @@ def _check_local(path: Path) -> None:
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", trust_remote_code: bool = False):
     """A causal LM from a local folder or a Hub id, in eval mode, refusing non-safetensors weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.adapters import get_adapter
 
     path = Path(name_or_path) if name_or_path else default_model_dir()
     if path.exists():
@@ -56,20 +58,27 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     elif name_or_path and str(name_or_path).startswith((".", "/", "~")):
         raise CompressError(f"{name_or_path}: no such model folder")
     try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"cannot load config of {path}: {str(e).strip().splitlines()[0]}") from None
+    if not trust_remote_code:
+        get_adapter(config)  # refuse an unsupported family before reading any weights
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  safetensors, torch and transformers each raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompressError(f"cannot load model {path}: {first}") from None
     return model.to(device).eval()
 
 
-def load_tokenizer(name_or_path: str | Path | None = None):
+def load_tokenizer(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
+    """trust_remote_code only for folders this project wrote (their config names our modeling code)."""
     from transformers import AutoTokenizer
 
     path = Path(name_or_path) if name_or_path else default_model_dir()
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise CompressError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None

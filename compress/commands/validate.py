@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     expected = {k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
     files = check_folder(folder, model, PruneResult(plan, replaced), expected)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=True)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
     checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
     for c in checks:

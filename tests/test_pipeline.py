@@ -1,0 +1,156 @@
+"""End to end through the CLI: export, load in a clean process, validate, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compress.cli import main
+import os
+
+from compress.reference import MODEL_DIR
+
+TOKENIZER_DIR = os.environ.get("TEST_TOKENIZER_DIR", MODEL_DIR)
+from tiny import tiny_model
+
+FAST = ["--calib-samples", "8", "--seq-len", "32", "--eval-windows", "2"]
+
+
+def save_dense(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny Qwen3 (q/k norms, biases, GQA) exported with FLAP at 0.4: biases are rewritten too."""
+    root = tmp_path_factory.mktemp("export")
+    dense = save_dense(tiny_model("qwen3"), root / "dense")
+    out = root / "slim"
+    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(out), *FAST]) == 0
+    return dense, out
+
+
+def test_export_writes_a_complete_smaller_folder(exported):
+    dense, out = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "modeling_slim.py", "configuration_slim.py", "model.safetensors.index.json",
+            "plan.json", "report.json", "report.md", "tokenizer.json", "replaced.safetensors"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["ratio"]["achieved_linear"] - 0.4) < 0.05
+    assert 0 < report["ratio"]["achieved_total"] < report["ratio"]["achieved_linear"]
+    removed = report["params"]["total_before"] - report["params"]["total_after"]
+    slim_bytes = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
+    dense_bytes = sum(p.stat().st_size for p in dense.glob("model*.safetensors"))
+    assert dense_bytes - slim_bytes > 0.9 * 4 * removed  # float32: the files shrink by the pruned parameters
+    assert all(c["passed"] for c in report["parity"])
+    assert {c["name"] for c in report["parity"]} == {"equivalence", "generation", "identity", "files"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+CLEAN_LOAD = r"""
+import json, sys
+for name in ("compress", "exporters", "validation"):
+    sys.modules[name] = None  # as if this project were not installed
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+tok.padding_side = "left"
+tok.pad_token = tok.pad_token or tok.eos_token
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+batch = tok(["def f(x):", "The Python tutorial explains how"], return_tensors="pt", padding=True)
+out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+print(json.dumps(out.tolist()))
+"""
+
+
+def test_folder_loads_and_generates_without_this_project(exported):
+    _, out = exported
+    res = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(out)], capture_output=True, text=True, cwd="/",
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    tokens = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    batch = tok(["def f(x):", "The Python tutorial explains how"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1].sum() != batch["attention_mask"][0].sum()  # really padded
+    same = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(tokens, same) and tokens.shape[1] == batch["input_ids"].shape[1] + 12
+
+
+def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, capsys):
+    dense, out = exported
+    assert main(["validate", str(out), "--model", str(dense)]) == 0
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = next(bad.glob("model*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert main(["validate", str(bad), "--model", str(dense)]) == 2
+    assert "files" in capsys.readouterr().err
+
+
+def test_python_api_round_trip(tmp_path):
+    from compress import export, prune
+    from compress.textdata import windows
+
+    model = tiny_model("opt")
+    calib = windows(torch.randint(0, 4096, (8 * 32,), generator=torch.Generator().manual_seed(0)), 32)
+    result = prune(model, "wanda-sp", 0.3, calib)
+    report = export(model, result, tmp_path / "slim", calib=calib)
+    assert report["method"] == "wanda-sp" and all(c["passed"] for c in report["parity"])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "slim", trust_remote_code=True)
+    assert loaded.config.layer_intermediate != [96] * 3
+
+
+def _fails(argv, capsys, match):
+    capsys.readouterr()  # drop what the set-up printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0] and err.endswith(errors[0]), err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dense = save_dense(tiny_model("llama"), tmp_path / "dense")
+    out = tmp_path / "out"
+    common = ["--method", "magnitude", *FAST]
+    _fails(["export", "--model", str(dense), "--ratio", "1.0", "--out", str(out), *common], capsys, "between 0 and 1")
+    _fails(["export", "--model", str(dense), "--ratio", "0", "--out", str(out), *common], capsys, "between 0 and 1")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=4096)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(gpt2)
+    _fails(["export", "--model", str(gpt2), "--ratio", "0.3", "--out", str(out), *common], capsys, "supported: llama")
+    _fails(["export", "--model", str(tmp_path / "nope"), "--ratio", "0.3", "--out", str(out), *common], capsys,
+           "no such model folder")
+    broken = tmp_path / "broken"
+    save_dense(tiny_model("llama"), broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _fails(["export", "--model", str(broken), "--ratio", "0.3", "--out", str(out), *common], capsys, "cannot load")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), "--calib", str(short),
+            "--method", "wanda-sp", "--calib-samples", "8", "--seq-len", "32"], capsys, "text too short")
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), *common], capsys, "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
