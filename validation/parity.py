@@ -111,8 +111,8 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
     g = adapter.geometry()
     for device, dtype in targets or parity_targets():
         dname = str(dtype).removeprefix("torch.")
-        on_cpu = device == "cpu" and dtype == torch.float32
-        d = dense if on_cpu and next(dense.parameters()).dtype == dtype else copy.deepcopy(dense).to(device, dtype)
+        w = next(dense.parameters())
+        d = dense if (w.device.type, w.dtype) == (device, dtype) else copy.deepcopy(dense).to(device, dtype)
         s = build_slim_model(d, adapter, plan, replaced)
         x, m = ids.to(device), mask.to(device)
         with replaced_weights(d, replaced), masked(d, adapter, plan_masks(plan, g)):
