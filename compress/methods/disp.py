@@ -140,7 +140,7 @@ class DISP(Method):
                 with masked(model, adapter, [_layer_masks(g, m) for m in _by_layer(soft, kinds)]), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     out = model(input_ids=x, use_cache=False).logits
-                lm = F.cross_entropy(out[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+                lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
                 kept = sum(_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds))
                 loss = lm + budget_loss(kept, target, s["lam"])
                 opt.zero_grad(set_to_none=True)
@@ -153,6 +153,11 @@ class DISP(Method):
 def _by_layer(flat: list[torch.Tensor], kinds) -> list[dict[str, torch.Tensor]]:
     n = len(kinds)
     return [{k: flat[i + j] for j, (k, _) in enumerate(kinds)} for i in range(0, len(flat), n)]
+
+
+def _next_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with the logits (last position ignored): no slice of the big logits tensor."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
 
 
 def _batches(calib: torch.Tensor, batch_size: int, gen: torch.Generator):

@@ -68,7 +68,7 @@ def relax(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float =
     z = logits + OFFSET if noise is None else logits + noise + OFFSET
     soft = torch.sigmoid(z / temperature)
     hard = (soft >= 0.5).to(soft.dtype)
-    return soft, hard + soft - soft.detach()
+    return soft, (hard - soft).detach() + soft
 
 
 def layer_params(g: Geometry, attn_in, attn_out, mlp_in, mlp_hidden, mlp_out, kv_groups=None):

@@ -1,0 +1,154 @@
+"""DISP: plans meet the ratio, are reproducible, and their slim models equal the masked dense model."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from compress.adapters import get_adapter
+from compress.masking import masked, plan_masks
+from compress.methods import METHODS
+from compress.methods.disp import DISP, build_plan, select, structures
+from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_params, relax
+from compress.plan import LayerPlan, linear_params
+from compress.slimming import build_slim_model
+from tiny import TINY_CONFIGS, tiny_model
+
+FAST = {"steps": 3, "batch_size": 2}
+
+
+def _calib(n=4, seq=16, seed=0):
+    return torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _prune(family="llama", ratio=0.5, seed=0, **settings):
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    plan = DISP(**{**FAST, **settings}).prune(model, adapter, ratio, _calib(), seed).plan
+    plan.check(adapter.geometry())
+    return model, adapter, plan
+
+
+def _max_channel_cost(g, heads: bool) -> int:
+    """Parameters that one channel (or one KV group) of any structure costs in the dense layer."""
+    full = dict(structures(g, True))
+    return max(linear_params(g) - layer_params(g, **{**full, kind: full[kind] - 1}) for kind, _ in structures(g, heads))
+
+
+def _assert_parity(model, adapter, plan, tol=1e-5):
+    g = adapter.geometry()
+    ids = _calib(2, 20, seed=1)
+    slim = build_slim_model(model, adapter, plan)
+    with torch.no_grad(), masked(model, adapter, plan_masks(plan, g)):
+        ref = model(input_ids=ids).logits
+    with torch.no_grad():
+        out = slim(input_ids=ids).logits
+    assert (out - ref).abs().max().item() <= tol
+
+
+def test_registered_with_cli_options():
+    assert METHODS["disp"] is DISP
+    parser = argparse.ArgumentParser()
+    DISP.add_arguments(parser.add_argument_group("disp"))
+    args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads"])
+    assert {k: getattr(args, k) for k in DISP.defaults} == {**DISP.defaults, "lam": 4.0, "steps": 7,
+                                                            "prune_heads": True}
+    assert not DISP.defaults["prune_heads"]
+
+
+def test_hypernetwork_shape_and_seeding():
+    g = get_adapter(TINY_CONFIGS["llama"]()).geometry()
+    widths = [w for _ in range(g.num_layers) for _, w in structures(g, False)]
+    assert len(widths) == 5 * g.num_layers
+    state = torch.get_rng_state()
+    a = HyperNetwork(widths, torch.Generator().manual_seed(3))
+    b = HyperNetwork(widths, torch.Generator().manual_seed(3))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+    assert a.inputs.shape == (len(widths), 1, 32) and a.gru.hidden_size == 64 and a.gru.bidirectional
+    assert [t.shape[0] for t in a()] == widths
+    assert all(torch.equal(x, y) for x, y in zip(a(), b()))
+
+
+def test_relaxation_threshold_and_straight_through():
+    logits = torch.tensor([-4.0, -3.1, -2.9, 0.0], requires_grad=True)
+    soft, hard = relax(logits, None)
+    assert torch.equal(soft > 0.5, logits + 3 > 0)
+    assert hard.tolist() == [0.0, 0.0, 1.0, 1.0]
+    hard.sum().backward()
+    assert torch.allclose(logits.grad, soft * (1 - soft) / 0.4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_param_count_matches_plan_accounting(family):
+    g = get_adapter(TINY_CONFIGS[family]()).geometry()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        n = [int(torch.randint(1, w + 1, (1,), generator=gen)) for w in (g.hidden, g.hidden, g.hidden,
+                                                                         g.intermediate, g.hidden)]
+        kv = int(torch.randint(0, g.num_kv_heads + 1, (1,), generator=gen))
+        lp = LayerPlan(attn_in=list(range(n[0])), attn_out=list(range(n[1])), mlp_in=list(range(n[2])),
+                       mlp_hidden=list(range(n[3])), mlp_out=list(range(n[4])),
+                       heads=[q for q in range(g.num_heads) if q // g.group_size < kv], kv_heads=list(range(kv)))
+        assert layer_params(g, *n, kv) == linear_params(g, lp)
+
+
+def test_regulariser_zero_on_budget():
+    target = 0.5 * 1000.0
+    assert budget_loss(torch.tensor(500.0), target, 16.0).item() == 0.0
+    above, below = budget_loss(torch.tensor(1000.0), target, 16.0), budget_loss(torch.tensor(250.0), target, 16.0)
+    assert math.isclose(above.item(), 16 * math.log(2), rel_tol=1e-6) and math.isclose(below.item(), above.item())
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_ratio_met_within_one_channel(ratio):
+    model, adapter, plan = _prune(ratio=ratio)
+    g = adapter.geometry()
+    assert abs(plan.ratio(g) - ratio) <= _max_channel_cost(g, False) / (g.num_layers * linear_params(g))
+    assert all(lp.heads is None and lp.kv_heads is None for lp in plan.layers)  # heads are kept by default
+    assert any(lp.attn_in is not None and lp.attn_in != lp.mlp_in for lp in plan.layers)  # independent selections
+
+
+def test_same_seed_same_plan():
+    a = _prune(seed=5)[2].to_dict()["layers"]
+    assert a == _prune(seed=5)[2].to_dict()["layers"]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_slim_equals_masked_dense(family):
+    _assert_parity(*_prune(family))
+
+
+def test_prune_heads_shrinks_kv_cache():
+    model, adapter, plan = _prune(ratio=0.5, prune_heads=True)
+    g = adapter.geometry()
+    assert abs(plan.ratio(g) - 0.5) <= _max_channel_cost(g, True) / (g.num_layers * linear_params(g))
+    kv = [g.num_kv_heads if lp.kv_heads is None else len(lp.kv_heads) for lp in plan.layers]
+    assert sum(kv) < g.num_layers * g.num_kv_heads
+    _assert_parity(model, adapter, plan)
+    slim = build_slim_model(model, adapter, plan)
+    with torch.no_grad():
+        cache = slim(input_ids=_calib(1, 10), use_cache=True).past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    assert [k.shape[1] for k in keys] == kv
+    assert sum(k.numel() for k in keys) < g.num_layers * g.num_kv_heads * g.head_dim * 10
+
+
+def test_one_survivor_selections():
+    """At an extreme ratio most selections shrink to their floor of one channel: 1-element lists."""
+    model = tiny_model("qwen3")
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    gen = torch.Generator().manual_seed(0)
+    scores = [{k: torch.randn(w, generator=gen, dtype=torch.float64) for k, w in structures(g, True)}
+              for _ in range(g.num_layers)]
+    scores[0]["attn_in"] = torch.full((g.hidden,), -1.0, dtype=torch.float64)
+    scores[0]["attn_in"][7] = 5.0
+    plan = build_plan(g, select(g, scores, 0.999))
+    plan.check(g)
+    assert plan.layers[0].attn_in == [7]
+    ones = [getattr(lp, f) for lp in plan.layers for f in ("attn_out", "mlp_in", "mlp_out", "mlp_hidden")]
+    assert sum(len(ids) == 1 for ids in ones) >= 2
+    _assert_parity(model, adapter, plan)
