@@ -15,7 +15,7 @@ __all__ = ["build_report", "write_report", "summary_lines", "count_params"]
 INDEX_SUFFIX = ("_index", ".kv_map")
 
 
-def count_params(state_dict: dict[str, torch.Tensor], tied: bool) -> int:
+def count_params(state_dict: dict[str, torch.Tensor]) -> int:
     """Parameters of a slim state dict (index buffers excluded; a tied head counted once)."""
     return sum(t.numel() for k, t in state_dict.items() if not k.endswith(INDEX_SUFFIX))
 
@@ -29,7 +29,7 @@ def build_report(model, adapter: Adapter, plan: Plan, slim_sd: dict, checks: lis
     g = adapter.geometry()
     lin_before, lin_after = plan.linear_params(g)
     total_before = _dense_params(model)
-    total_after = count_params(slim_sd, bool(model.config.tie_word_embeddings))
+    total_after = count_params(slim_sd)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "method": plan.method,
