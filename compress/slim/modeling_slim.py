@@ -198,6 +198,8 @@ class SlimModel(SlimPreTrainedModel):
             )
         # A plain attribute, not a buffer: `.to(float16)` must not round the frequencies.
         self.rope_inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")
+        # A layer without attention caches empty tensors, whose length reads as 0: ask one with KV heads.
+        self.cache_layer = next((i for i, h in enumerate(config.layer_kv_heads) if h), None)
         self.layers = nn.ModuleList(SlimDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config, config.hidden_size)
         self.post_init()
@@ -222,7 +224,12 @@ class SlimModel(SlimPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is None:
+            past = 0
+        elif self.cache_layer is not None:
+            past = past_key_values.get_seq_length(self.cache_layer)
+        else:  # no attention anywhere: only the mask knows how many tokens came before
+            past = attention_mask.shape[1] - T if attention_mask is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
         if position_ids is None:
