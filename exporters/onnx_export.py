@@ -1,0 +1,241 @@
+"""Slim model -> ONNX with explicit per-layer KV cache inputs/outputs, plus the ONNX parity check.
+
+The graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key|value`
+and returns `logits` and `present.{i}.key|value` ([batch, kv_heads_i, past + seq, head_dim]), with
+dynamic batch, sequence and past axes. Head pruning leaves layers with different KV head counts,
+so `onnx_config.json` beside the model lists them; a layer whose attention was removed has no
+cache at all and is left out of the graph's inputs/outputs (zero-size tensors only cost
+allocations and special cases in runtimes and I/O binding), which the JSON records too.
+
+Exported with the dynamo exporter (`torch.export`), which keeps the past length symbolic; the
+deprecated TorchScript exporter is faster but its `index_add` symbolic mishandles dim=-1 (the
+graph fails in onnxruntime). `index_select` becomes `Gather`; `index_add` becomes `GatherElements` + `Add` +
+`ScatterElements` on the hidden axis, instead of torchlib's transpose + `ScatterND` + transpose.
+Weights always go to an external data file (`model.onnx.data`), whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from onnxscript import opset18 as op
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+__all__ = ["export_onnx", "check_onnx_parity", "kv_layers", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME"]
+
+CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
+DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion, runs on ORT >= 1.14
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def kv_layers(config) -> list[int]:
+    """Layers that keep a KV cache (at least one KV head)."""
+    return [i for i, h in enumerate(config.layer_kv_heads) if h]
+
+
+class _FlatCache:
+    """The two methods the slim model calls on a cache, over flat past tensors (no DynamicCache in the graph)."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past, self.present = past, {}
+
+    def update(self, k, v, layer_idx):
+        if layer_idx not in self.past:  # attention removed: nothing cached, nothing exported
+            return k, v
+        pk, pv = self.past[layer_idx]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.present[layer_idx] = (k, v)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self.past.get(layer_idx, next(iter(self.past.values())))[0].shape[2]
+
+
+class _Exportable(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, past) -> (logits, *present), all tensors."""
+
+    def __init__(self, slim: nn.Module):
+        super().__init__()
+        self.slim = slim
+        self.layers = kv_layers(slim.config)
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        pairs = {i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(self.layers)}
+        cache = _FlatCache(pairs)
+        out = self.slim(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True)
+        return (out.logits, *(t for i in self.layers for t in cache.present[i]))
+
+
+def _index_add(self, dim: int, index, source, alpha: float = 1.0):
+    """aten.index_add with unique indices -> ScatterElements(self, i, GatherElements(self, i) + source).
+
+    No scatter reduction: ORT's CPU kernel has no float16 "add" reduction, and a plain scatter
+    needs no atomics on GPUs and is supported by every execution provider.
+    """
+    if alpha != 1:
+        raise NotImplementedError("index_add with alpha != 1")
+    axis = dim % len(source.shape)
+    shape = [1] * len(source.shape)
+    shape[axis] = -1
+    idx = op.Expand(op.Reshape(index, op.Constant(value_ints=shape)), op.Shape(source))
+    return op.ScatterElements(self, idx, op.Add(op.GatherElements(self, idx, axis=axis), source), axis=axis)
+
+
+def _names(layers: list[int]) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: int | None = None) -> Path:
+    """Write `model.onnx` (+ `model.onnx.data`) and `onnx_config.json` into `out_dir`; return the model path.
+
+    The caller's model is left as it was (a float16 export converts a copy).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = slim_model
+    if next(model.parameters()).dtype != DTYPES[dtype]:
+        model = copy.deepcopy(slim_model).to(DTYPES[dtype])
+    wrapper = _Exportable(model)
+    inputs, outputs = _names(wrapper.layers)
+    args, shapes = _example_inputs(model, wrapper.layers)
+    opset = opset or DEFAULT_OPSET
+    training = model.training
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            wrapper.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+            input_names=inputs, output_names=outputs, verbose=False,
+            custom_translation_table={torch.ops.aten.index_add.default: _index_add},
+        )
+    model.train(training)
+    path = out / MODEL_NAME
+    program.save(path, external_data=True)
+    config = _onnx_config(model.config, dtype, opset, wrapper.layers)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
+def _example_inputs(model, layers: list[int]) -> tuple[tuple, tuple]:
+    """Example (input_ids, attention_mask, position_ids, past) and their dynamic axes.
+
+    Sizes are distinct and above 1 (0 and 1 would be specialised); an empty past still runs.
+    """
+    config, p = model.config, next(model.parameters())
+    B, T, P = 2, 3, 5
+    ids = torch.randint(0, config.vocab_size, (B, T), device=p.device)
+    mask = torch.ones(B, P + T, dtype=torch.long, device=p.device)
+    pos = torch.arange(P, P + T, device=p.device).expand(B, T)
+    past = [torch.zeros(B, config.layer_kv_heads[i], P, config.head_dim, dtype=p.dtype, device=p.device)
+            for i in layers for _ in range(2)]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    past_seq, total = torch.export.Dim("past_sequence", min=0), torch.export.Dim("total_sequence")
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: past_seq} for _ in past])
+    return (ids, mask, pos, past), shapes
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that say nothing about this model (torchvision ops, merged Dims)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name")
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
+def _onnx_config(config, dtype: str, opset: int, layers: list[int]) -> dict:
+    """What a runner needs to allocate the cache and name the tensors, without reading the graph."""
+    inputs, outputs = _names(layers)
+    return {
+        "format": 1,
+        "model": MODEL_NAME,
+        "external_data": DATA_NAME,
+        "dtype": dtype,
+        "opset": opset,
+        "vocab_size": config.vocab_size,
+        "num_layers": config.num_hidden_layers,
+        "head_dim": config.head_dim,
+        "num_kv_heads": list(config.layer_kv_heads),  # per layer; 0 = attention removed, no cache
+        "cache_layers": layers,  # layers with past/present tensors, in input/output order
+        "kv_shape": ["batch", "num_kv_heads", "past_sequence", "head_dim"],
+        "inputs": inputs,
+        "outputs": outputs,
+        "position_ids": "cumsum(attention_mask) - 1, 0 at padding",
+        "sliding_window": getattr(config, "sliding_window", None),
+        "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+
+
+def check_onnx_parity(slim_model, runner, input_ids, steps: int = 32) -> dict:
+    """ONNX runner vs slim PyTorch: prefill and per-decode-step logits max |diff|, greedy tokens equal.
+
+    Decode steps feed both sides the same (PyTorch greedy) token, so the step diffs measure the
+    graph, not a diverged sequence. Returns numbers only; an exception becomes {"error": ...}.
+    """
+    ids = input_ids.cpu().numpy() if torch.is_tensor(input_ids) else np.asarray(input_ids)
+    try:
+        return _parity(slim_model, runner, ids, steps)
+    except Exception as e:  # noqa: BLE001 - the caller compares numbers to tolerances and reports
+        return {"error": f"{type(e).__name__}: {e}", "steps": steps}
+
+
+@torch.no_grad()
+def _parity(slim_model, runner, ids: np.ndarray, steps: int) -> dict:
+    ids = np.atleast_2d(ids).astype(np.int64)
+    device = next(slim_model.parameters()).device
+    t_ids = torch.from_numpy(ids).to(device)
+    mask = np.ones_like(ids)
+    cache = DynamicCache()  # a full cache: the slim mask handles any sliding window itself
+    diffs, argmax_equal, scale = [], True, 0.0
+    nxt, past = ids, None
+    for _ in range(steps + 1):  # prefill, then one token per step
+        ref = slim_model(input_ids=torch.from_numpy(nxt).to(device),
+                         attention_mask=torch.from_numpy(mask).to(device), past_key_values=cache)
+        logits, past = runner.forward(nxt, mask, past=past)
+        ref_logits = ref.logits.float().cpu().numpy()
+        diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits).max()))
+        scale = max(scale, float(np.abs(ref_logits).max()))
+        nxt = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        argmax_equal &= bool((logits[:, -1].argmax(-1) == nxt[:, 0]).all())
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+    prefill, decode = diffs[0], diffs[1:]
+
+    torch_tokens = slim_model.generate(
+        t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, max_new_tokens=steps,
+        eos_token_id=None, pad_token_id=0, past_key_values=DynamicCache(),
+    )[:, ids.shape[1]:].cpu().numpy()
+    onnx_tokens = runner.generate(ids, max_new_tokens=steps, eos_token_id=None).new_ids
+    n = min(torch_tokens.shape[1], onnx_tokens.shape[1])
+    differ = np.nonzero((torch_tokens[:, :n] != onnx_tokens[:, :n]).any(0))[0]
+    return {
+        "steps": steps,
+        "dtype": runner.dtype_name,
+        "provider": runner.provider,
+        "prefill_max_abs_diff": prefill,
+        "decode_max_abs_diff": decode,
+        "max_abs_diff": max([prefill, *decode]),
+        "reference_max_abs_logit": scale,  # float16 differs by ulps of this, for a relative tolerance
+        "step_argmax_equal": argmax_equal,
+        "greedy_tokens_equal": bool(torch_tokens.shape == onnx_tokens.shape and differ.size == 0),
+        "greedy_first_mismatch": int(differ[0]) if differ.size else None,
+    }

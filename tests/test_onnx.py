@@ -1,0 +1,148 @@
+"""ONNX export with per-layer KV cache: onnxruntime (CPU) == slim PyTorch, prefill and decode.
+
+One export per family (the dynamo exporter takes seconds per graph), shared by the tests of
+that family; the plan prunes residual channels and heads (KV heads differ per layer), removes
+the first layer's attention and the last layer's MLP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from compress.adapters import get_adapter
+from compress.plan import LayerPlan, Plan
+from compress.slimming import build_slim_model
+from exporters.onnx_export import CONFIG_NAME, DATA_NAME, check_onnx_parity, export_onnx
+from exporters.onnx_runner import OnnxRunner
+from tiny import TINY_CONFIGS, VOCAB, tiny_model
+
+TOL_FP32 = 1e-4
+TOL_FP16 = 1e-2
+
+
+def pruning_plan(g) -> Plan:
+    """Layer 0: attention removed (its cache would be empty); layer 1: partial residual reads and
+    writes, 3 heads, narrower MLP; layer 2: MLP removed, 2 heads (fewer KV heads than layer 1)."""
+    H = g.hidden
+    return Plan(layers=[
+        LayerPlan(heads=[], mlp_out=list(range(0, H, 2))),
+        LayerPlan(attn_in=list(range(0, H, 2)), attn_out=list(range(1, H, 3)), mlp_in=list(range(8, H)),
+                  heads=[0, 1, 5], mlp_hidden=list(range(0, g.intermediate, 2))),
+        LayerPlan(mlp_hidden=[], heads=[2, 3], attn_out=list(range(H // 2))),
+    ])
+
+
+def prompts(batch: int = 2, length: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def exported(request, tmp_path_factory):
+    family = request.param
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    slim = build_slim_model(model, adapter, pruning_plan(adapter.geometry()))
+    out = tmp_path_factory.mktemp(f"onnx_{family}")
+    export_onnx(slim, out)
+    return slim, OnnxRunner(out), out
+
+
+def test_prefill_decode_and_greedy_match_slim(exported):
+    slim, runner, _ = exported
+    r = check_onnx_parity(slim, runner, prompts(), steps=8)
+    assert "error" not in r, r
+    assert r["prefill_max_abs_diff"] <= TOL_FP32
+    assert len(r["decode_max_abs_diff"]) == 8 and max(r["decode_max_abs_diff"]) <= TOL_FP32
+    assert r["step_argmax_equal"] and r["greedy_tokens_equal"], r
+
+
+def test_left_padded_batch_matches_slim_generate(exported):
+    slim, runner, _ = exported
+    ids = prompts(length=9, seed=1)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    got = runner.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=None)
+    want = slim.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                         max_new_tokens=6, eos_token_id=None, pad_token_id=0, past_key_values=DynamicCache())
+    np.testing.assert_array_equal(got.ids, want.numpy())
+
+
+def test_graph_and_config_describe_the_cache(exported):
+    slim, runner, out = exported
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    heads = slim.config.layer_kv_heads
+    assert cfg["num_kv_heads"] == heads and heads[0] == 0 and heads[1] != heads[2]
+    assert cfg["cache_layers"] == [1, 2]  # the attention-free layer has no cache tensors
+    assert runner.past_names == ["past_key_values.1.key", "past_key_values.1.value",
+                                 "past_key_values.2.key", "past_key_values.2.value"]
+    assert runner.present_names == [n.replace("past_key_values", "present") for n in runner.past_names]
+    assert runner.kv_heads == [heads[1], heads[1], heads[2], heads[2]]
+    assert (out / DATA_NAME).stat().st_size > 0
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    # index_select -> Gather (+ the embedding); index_add -> GatherElements + ScatterElements
+    assert ops["Gather"] >= 3 and ops["ScatterElements"] == 3 and ops["GatherElements"] == 3, ops
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["past_key_values.2.key"] == ["batch", heads[2], "past_sequence", cfg["head_dim"]]
+    assert dims["input_ids"] == ["batch", "sequence"]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
+    _, runner, _ = exported
+    ids = prompts(batch=1)
+    a = runner.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=3, eos_token_id=None)
+    b = runner.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=3, eos_token_id=None)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    greedy = runner.generate(ids, max_new_tokens=5, eos_token_id=None)
+    top1 = runner.generate(ids, max_new_tokens=5, do_sample=True, top_k=1, seed=0, eos_token_id=None)
+    np.testing.assert_array_equal(greedy.new_ids, top1.new_ids)
+
+
+def one_layer(family: str):
+    """A 1-layer model of the family: the checks below are per layer, and exports cost per node."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS[family]()
+    config.num_hidden_layers = 1
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # as tiny_model: norms and biases away from 1 and 0
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_dense_keep_all_export_equals_hf_model(tmp_path):
+    model = one_layer("qwen2")
+    adapter = get_adapter(model.config)
+    export_onnx(build_slim_model(model, adapter, Plan.keep_all(adapter.geometry())), tmp_path)
+    runner = OnnxRunner(tmp_path)
+    ids = prompts()
+    logits, _ = runner.forward(ids)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - want).max() <= TOL_FP32
+    tokens = model.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(runner.generate(ids, max_new_tokens=8, eos_token_id=None).ids, tokens.numpy())
+
+
+def test_float16_export_runs_on_cpu(tmp_path):
+    model = one_layer("llama")
+    adapter = get_adapter(model.config)
+    H = adapter.geometry().hidden
+    plan = Plan(layers=[LayerPlan(attn_in=list(range(0, H, 2)), mlp_out=list(range(H // 2)), heads=[0, 1, 4])])
+    slim = build_slim_model(model, adapter, plan)
+    export_onnx(slim, tmp_path, dtype="float16")
+    runner = OnnxRunner(tmp_path)
+    assert runner.dtype == np.float16 and json.loads((tmp_path / CONFIG_NAME).read_text())["dtype"] == "float16"
+    assert next(slim.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    r = check_onnx_parity(slim, runner, prompts(), steps=4)
+    assert "error" not in r, r
+    assert r["max_abs_diff"] <= TOL_FP16
