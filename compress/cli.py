@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from compress.errors import CompressError
+
 __all__ = ["main", "CliError"]
 
 # name -> (module, one-line help). Each module defines configure(parser) and run(args) -> int.
@@ -20,11 +22,18 @@ COMMANDS = {
 }
 
 
-from compress.errors import CompressError
-
 
 class CliError(CompressError):
     """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults only where they say something (not None, not on/off flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         mod.configure(p)
         p.set_defaults(_run=mod.run)
     return parser
