@@ -9,7 +9,7 @@ import sys
 
 from compress.errors import CompressError
 
-__all__ = ["main", "CliError"]
+__all__ = ["main"]
 
 # name -> (module, one-line help). Each module defines configure(parser) and run(args) -> int.
 COMMANDS = {
@@ -20,11 +20,6 @@ COMMANDS = {
     "bench": ("compress.commands.bench", "prefill/decode speed, dense vs slim, PyTorch vs onnxruntime"),
     "push": ("compress.commands.push", "push an exported folder to the Hugging Face Hub"),
 }
-
-
-
-class CliError(CompressError):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
