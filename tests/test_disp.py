@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import pytest
 import torch
 
 from compress.adapters import get_adapter
-from compress.masking import masked, plan_masks
+from compress.masking import LayerMasks, masked, plan_masks
 from compress.methods import METHODS
-from compress.methods.disp import DISP, build_plan, select, structures
+from compress.methods.disp import DISP, _checkpointed, _frozen, build_plan, select, structures
 from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_params, relax
 from compress.plan import LayerPlan, linear_params
 from compress.slimming import build_slim_model
@@ -152,3 +153,30 @@ def test_one_survivor_selections():
     ones = [getattr(lp, f) for lp in plan.layers for f in ("attn_out", "mlp_in", "mlp_out", "mlp_hidden")]
     assert sum(len(ids) == 1 for ids in ones) >= 2
     _assert_parity(model, adapter, plan)
+
+
+def test_checkpointed_layers_give_the_same_mask_gradients():
+    """The CUDA path recomputes each layer in backward; the mask hooks must still see the masks."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    ids = _calib(2, 12)
+
+    norm = adapter.parts(adapter.layers(model)[0]).attn_norm
+    calls = []
+
+    def grad(ckpt: bool):
+        calls.clear()
+        mask = torch.linspace(0.2, 1.0, g.hidden, requires_grad=True)
+        ctx = _checkpointed(adapter.layers(model)) if ckpt else contextlib.nullcontext()
+        hook = norm.register_forward_hook(lambda *a: calls.append(1))
+        with _frozen(model), ctx, masked(model, adapter, [LayerMasks(attn_in=mask, mlp_out=mask)] * g.num_layers):
+            model(input_ids=ids).logits.square().mean().backward()
+        hook.remove()
+        return mask.grad, len(calls)
+
+    (with_ckpt, n_ckpt), (plain, n_plain) = grad(True), grad(False)
+    assert (n_ckpt, n_plain) == (2, 1)  # the layer really was recomputed in backward
+    assert torch.allclose(with_ckpt, plain, atol=1e-6)
+    assert "forward" not in vars(adapter.layers(model)[0])  # the wrapper is gone afterwards
+    assert all(p.requires_grad for p in model.parameters())
