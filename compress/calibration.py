@@ -63,7 +63,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def run_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int = 8, device=None,
                     desc: str = "calibration", progress: bool = True) -> None:
-    """Forward `calib` ([n, seq_len] token ids) through `model` in mini-batches, for the hooks' sake."""
+    """Forward `calib` ([n, seq_len] token ids) through `model` (a causal LM or its decoder)
+    in mini-batches, for the sake of the hooks registered on it."""
     if calib is None or calib.dim() != 2 or calib.shape[0] == 0:
         raise ValueError(f"calibration data must be token ids [n_samples, seq_len], got "
                          f"{None if calib is None else tuple(calib.shape)}")
@@ -114,8 +115,8 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, calib: torch.Tensor,
                 raise ValueError(f"layer {i} has no {name!r} module")
             modules[(i, name)] = mod
     stats = {key: ChannelStats.empty(m.in_features, m.weight.device) for key, m in modules.items()}
-    with _input_hooks(modules, stats):
-        run_calibration(model, calib, batch_size, device, progress=progress)
+    with _input_hooks(modules, stats):  # the decoder alone: the LM head's logits are not needed
+        run_calibration(adapter.decoder(model), calib, batch_size, device, progress=progress)
     out: list[dict[str, ChannelStats]] = [{} for _ in adapter.layers(model)]
     for (i, name), s in stats.items():
         out[i][name] = s.to("cpu")

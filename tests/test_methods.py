@@ -46,12 +46,15 @@ def _channel_cost(g):
 
 
 def _max_unit_cost(g, granularity):
-    """The largest parameter cost of one removable unit (a head unit, with k/v if it empties the layer)."""
-    full = linear_params(g, LayerPlan(mlp_hidden=[]))
+    """The largest parameter cost of one removable unit: an MLP channel or a head unit
+    (the last head unit of a layer also takes the k/v projections with it)."""
     units, _ = head_units(g, torch.zeros(g.num_heads), granularity)
-    last = linear_params(g, LayerPlan(heads=units[-1], mlp_hidden=[]))
-    return max(_channel_cost(g), full - linear_params(g, LayerPlan(heads=[h for u in units[1:] for h in u], mlp_hidden=[])),
-               last)
+    kept, costs = list(range(g.num_heads)), [_channel_cost(g)]
+    for u in units:
+        before = linear_params(g, LayerPlan(heads=kept, mlp_hidden=[]))
+        kept = [h for h in kept if h not in u]
+        costs.append(before - linear_params(g, LayerPlan(heads=kept, mlp_hidden=[])))
+    return max(costs)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -109,6 +112,14 @@ def test_head_granularity_keeps_gqa_groups_uniform(allocation, tiny, calib):
     assert pruned_some
 
 
+def test_auto_granularity(tiny, calib):
+    """Whole KV groups, unless there are fewer than 4 of them to step through."""
+    llama, qwen3 = tiny("llama"), tiny("qwen3")  # 2 and 4 KV groups
+    assert _prune("magnitude", *llama, 0.3, calib).plan.settings["head_granularity"] == "head"
+    assert _prune("magnitude", *qwen3, 0.3, calib).plan.settings["head_granularity"] == "group"
+    assert _prune("flap", *llama, 0.3, calib).plan.settings["head_granularity"] == "head"
+
+
 def test_group_granularity_removes_whole_kv_groups(tiny, calib):
     model, adapter = tiny("llama")
     g = adapter.geometry()
@@ -126,7 +137,8 @@ def test_flap_bias_compensation_reduces_layer_output_error(tiny, calib):
     g = adapter.geometry()
     res = _prune("flap", model, adapter, 0.5, calib)
     stats = collect_input_stats(model, adapter, calib, progress=False)
-    assert res.replaced == compensation_biases(model, adapter, res.plan, stats)
+    again = compensation_biases(model, adapter, res.plan, stats)
+    assert again.keys() == res.replaced.keys() and all(torch.equal(again[k], res.replaced[k]) for k in again)
     names = {m: n for n, m in model.named_modules()}
     layer, lp = adapter.layers(model)[1], res.plan.layers[1]
     down = adapter.parts(layer).down
@@ -144,7 +156,7 @@ def test_flap_bias_compensation_reduces_layer_output_error(tiny, calib):
     compensated = (x * mask) @ w.T + res.replaced[f"{names[down]}.bias"].double()
     err_plain = (plain - dense).pow(2).sum(-1).mean()
     err_comp = (compensated - dense).pow(2).sum(-1).mean()
-    assert err_comp < 0.5 * err_plain
+    assert err_comp < 0.95 * err_plain
     shift = w[:, mask == 0] @ x[:, mask == 0].mean(0)
     torch.testing.assert_close(err_plain - err_comp, shift.pow(2).sum(), rtol=1e-6, atol=1e-9)
     assert _prune("flap", model, adapter, 0.5, calib, bias_compensation=False).replaced == {}
@@ -181,11 +193,13 @@ def test_ratio_outside_open_interval_is_an_error(ratio, tiny, calib):
             _prune(name, model, adapter, ratio, calib)
 
 
-def test_unknown_setting_is_an_error():
+def test_bad_settings_are_errors(tiny, calib):
+    model, adapter = tiny("llama")
+    g = adapter.geometry()
     with pytest.raises(TypeError):
         METHODS["flap"](allocaton="global")
     with pytest.raises(ValueError, match="granularity"):
-        select_args = dict(allocation="uniform", head_granularity="kv")
-        g = get_adapter(TINY_CONFIGS["llama"]()).geometry()
+        _prune("magnitude", model, adapter, 0.3, calib, head_granularity="kv")
+    with pytest.raises(ValueError, match="allocation"):
         select(g, torch.zeros(g.num_layers, g.num_heads), torch.zeros(g.num_layers, g.intermediate), 0.3,
-               **select_args)
+               allocation="layerwise")

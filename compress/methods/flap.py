@@ -1,19 +1,22 @@
 """FLAP (An et al., AAAI 2024): fluctuation metric, adaptive structure, bias compensation.
 
 - Metric: input channel j of o_proj / down_proj scores Var(x_j) * ||W[:, j]||^2, the output
-  energy that channel's fluctuation around its mean contributes; a head sums its columns.
-  A channel that barely fluctuates can be replaced by a constant, so it is cheap to remove.
-- Structure: "global" allocation standardises the scores (per layer and type, as the
-  reference code; or per type across layers) and removes the lowest-ranked units of all
-  layers until the budget is met, so layers end up with different widths.
+  energy of that channel's fluctuation around its mean: a channel that barely fluctuates can
+  be replaced by a constant, so it is cheap to remove. As in the reference code, o_proj
+  column scores are squared, and a head's score is built from its head_dim columns.
+- Structure: "global" allocation z-scores the column / channel scores (per layer and type,
+  as the reference code; or per type across all layers), scores a head by the mean of its
+  columns, and removes the lowest-ranked units of all layers until the budget is met, so
+  layers get different widths (a sublayer may go entirely).
 - Compensation: the removed channels' mean contribution W[:, removed] @ E[x_removed] is
   added to the consumer's bias, returned in `PruneResult.replaced` under the dense names
   (a bias the dense model lacks is created, full [out_features]).
 
-Differences from the reference code, all deliberate: the metric is used as is (the code
-squares it for heads) and standardised per head rather than per column, so a head and an
-MLP channel are ranked on the same footing; parameter costs are the real ones (GQA-aware),
-not 512/3; statistics come from one pass of the dense model (as the code does for FLAP).
+Differences from the reference code: parameter costs are the real, GQA-aware ones rather
+than a constant 512/3 per head (exact for MHA LLaMA only), and a head unit may be one query
+head per group rather than a whole group (see `select`).
+Per-layer standardisation is the default because per-type standardisation across layers
+removed a whole first-layer attention on the reference model (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = ["FLAP", "fluctuation_metric", "compensation_biases"]
 
 
 def fluctuation_metric(w: torch.Tensor, s: ChannelStats) -> torch.Tensor:
+    """Var(x_j) * ||W[:, j]||^2 per input channel j of `w` ([out, in]) -> [in] float64."""
     return s.var * w.float().pow(2).sum(0, dtype=torch.float64)
 
 
@@ -87,7 +91,7 @@ class FLAP(ScoredMethod):
         check_ratio(ratio)
         stats = collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
         head, mlp = column_scores(model, adapter, stats, fluctuation_metric)
-        plan = self.plan(adapter.geometry(), head, mlp, ratio, seed,
+        plan = self.plan(adapter.geometry(), head ** 2, mlp, ratio, seed,
                          allocation=self.settings["allocation"], standardize=self.settings["standardize"])
         replaced = compensation_biases(model, adapter, plan, stats) if self.settings["bias_compensation"] else {}
         return PruneResult(plan, replaced)

@@ -61,12 +61,13 @@ def head_units(g: Geometry, scores: torch.Tensor, granularity: str) -> tuple[lis
 
 
 def _standardize(x: torch.Tensor, per_layer: bool) -> torch.Tensor:
-    x = x.double()
+    """z-scores of [L, ...] scores, over each layer's entries or over all of them."""
+    shape, x = x.shape, x.double().reshape(x.shape[0], -1)
     if per_layer:
         mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True)
     else:
         mu, sd = x.mean(), x.std()
-    return (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    return ((x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))).reshape(shape)
 
 
 def _attn_params(g: Geometry, kept_heads: list[int]) -> int:
@@ -80,8 +81,9 @@ def _layer_plan(g: Geometry, removed_heads: set[int], mlp_order: list[int], n_ml
 
 
 def _check_scores(g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor) -> None:
-    if tuple(head_scores.shape) != (g.num_layers, g.num_heads):
-        raise ValueError(f"head scores must be [{g.num_layers}, {g.num_heads}], got {tuple(head_scores.shape)}")
+    if tuple(head_scores.shape[:2]) != (g.num_layers, g.num_heads) or head_scores.dim() not in (2, 3):
+        raise ValueError(f"head scores must be [{g.num_layers}, {g.num_heads}] or [{g.num_layers}, "
+                         f"{g.num_heads}, k], got {tuple(head_scores.shape)}")
     if tuple(mlp_scores.shape) != (g.num_layers, g.intermediate):
         raise ValueError(f"MLP scores must be [{g.num_layers}, {g.intermediate}], got {tuple(mlp_scores.shape)}")
     if not (torch.isfinite(head_scores).all() and torch.isfinite(mlp_scores).all()):
@@ -93,7 +95,10 @@ def select(g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor, rat
            standardize: str = "layer") -> list[LayerPlan]:
     """LayerPlans removing about `ratio` of the linear weights, lowest scores first.
 
-    head_scores: [L, num_heads]; mlp_scores: [L, intermediate]; higher = more important.
+    head_scores: [L, num_heads], or [L, num_heads, k] with k scores per head (e.g. one per
+    o_proj column): a head then scores their sum, and under "global" allocation the k
+    entries are what is standardised, a head scoring the mean of its standardised entries
+    (as FLAP's code). mlp_scores: [L, intermediate]. Higher = more important.
     `standardize` ("layer": per layer and type, as FLAP's code; "type": per type across all
     layers) only matters for "global" allocation.
     """
@@ -114,7 +119,8 @@ def _uniform(g, head_scores, mlp_scores, ratio, granularity) -> list[LayerPlan]:
     total = g.num_layers * linear_params(g)
     removed_heads, attn_removed = [], 0
     for i in range(g.num_layers):
-        units, _ = head_units(g, head_scores[i], granularity)
+        units, _ = head_units(g, head_scores[i] if head_scores.dim() == 2 else head_scores[i].sum(-1),
+                              granularity)
         n = min(math.floor(ratio * len(units) + 0.5), len(units) - 1)  # never the whole sublayer
         gone = {h for u in units[:n] for h in u}
         removed_heads.append(gone)
@@ -134,6 +140,8 @@ def _uniform(g, head_scores, mlp_scores, ratio, granularity) -> list[LayerPlan]:
 
 def _global(g, head_scores, mlp_scores, ratio, granularity, per_layer) -> list[LayerPlan]:
     hs = _standardize(head_scores, per_layer)
+    if hs.dim() == 3:
+        hs = hs.mean(-1)
     ms = _standardize(mlp_scores, per_layer)
     channel = linear_params(g, LayerPlan(heads=[], mlp_hidden=[0]))
     scores, costs, owner = [], [], []  # owner: (layer, "attn" | "mlp")
@@ -176,9 +184,13 @@ def _global(g, head_scores, mlp_scores, ratio, granularity, per_layer) -> list[L
 
 
 def resolve_granularity(setting: str, g: Geometry) -> str:
-    """"auto" -> "group" where a KV group is a fine enough step (>= 4 groups, or MHA), else "head"."""
+    """"auto": "group" (it also shrinks k/v and the KV cache) unless there are fewer than
+    4 KV groups, where one group is a quarter or more of a layer's attention: too coarse a
+    step. On the reference model (2 groups; benchmarks/RESULTS.md) "group" makes uniform
+    allocation at ratios 0.3-0.5 drop half of every layer's heads (KL 0.83 against 0.25-0.68
+    with "head"), and FLAP's global allocation had a lower KL with "head" at every ratio."""
     if setting == "auto":
-        return "group" if g.group_size == 1 or g.num_kv_heads >= 4 else "head"
+        return "head" if 1 < g.group_size and g.num_kv_heads < 4 else "group"
     if setting not in GRANULARITIES:
         raise ValueError(f"head granularity must be 'auto' or one of {GRANULARITIES}, got {setting!r}")
     return "group" if g.group_size == 1 else setting
@@ -202,7 +214,7 @@ class ScoredMethod(Method):
         add_option(group, "--head-granularity", dest="head_granularity", default="auto",
                    choices=("auto", *GRANULARITIES),
                    help="GQA head pruning unit (magnitude, wanda-sp, flap): whole KV groups, or query "
-                        "heads evenly within every group; auto = group when there are >= 4 KV groups")
+                        "heads evenly within every group; auto = group with >= 4 KV groups, else head")
 
     def plan(self, g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor, ratio: float,
              seed: int, allocation: str = "uniform", standardize: str = "layer") -> Plan:

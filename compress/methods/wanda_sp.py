@@ -3,9 +3,8 @@
 Input channel j of o_proj / down_proj scores sum_i |W_ij| * sqrt(E[x_j^2]) (weight size
 times input size); a head sums its head_dim columns. Uniform allocation.
 
-The statistics come from one pass of the dense model; the reference code instead feeds
-each layer the output of the already-pruned layers before it. With uniform allocation and
-per-layer ranking the two differ only through that input drift.
+Statistics come from one pass of the dense model; the reference code instead re-feeds
+each layer the outputs of the layers it already pruned (a sequential variant not done here).
 """
 
 from __future__ import annotations
@@ -23,15 +22,15 @@ __all__ = ["WandaSP", "column_scores"]
 
 
 def column_scores(model, adapter: Adapter, stats, metric) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `metric(weight, channel_stats) -> [in_features]` to every o_proj / down_proj and
-    sum o_proj columns per head -> (heads [L, num_heads], MLP [L, intermediate]) on the CPU."""
+    """Apply `metric(weight, channel_stats) -> [in_features]` to every o_proj / down_proj
+    -> (o_proj columns per head [L, num_heads, head_dim], MLP [L, intermediate]) on the CPU."""
     g = adapter.geometry()
     heads, mlp = [], []
     with torch.no_grad():
         for layer, s in zip(adapter.layers(model), stats):
             p = adapter.parts(layer)
             o = metric(p.o.weight, s["o"].to(p.o.weight.device)).cpu()
-            heads.append(o.reshape(g.num_heads, g.head_dim).sum(1))
+            heads.append(o.reshape(g.num_heads, g.head_dim))
             mlp.append(metric(p.down.weight, s["down"].to(p.down.weight.device)).cpu())
     return torch.stack(heads), torch.stack(mlp)
 

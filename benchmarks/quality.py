@@ -1,0 +1,145 @@
+"""Quality of every pruning method on the shipped reference model, at several ratios.
+
+For each method (and each `--methods` variant such as `flap:allocation=uniform`) and ratio:
+prune with the calibration slice, build the slim model, and measure perplexity, KL(dense ||
+slim) and top-1 agreement with the dense model on the held-out test slice. Writes its
+section of benchmarks/RESULTS.md (between its markers, the rest of the file untouched) and
+prints it.
+
+    python benchmarks/quality.py                       # all registered methods
+    python benchmarks/quality.py --methods magnitude wanda-sp flap flap:standardize=type
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from compress.adapters import get_adapter  # noqa: E402
+from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
+from compress.slimming import build_slim_model  # noqa: E402
+from compress.textdata import load_text, token_stream, windows  # noqa: E402
+from validation.quality import compare, perplexity  # noqa: E402
+
+START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def load_methods() -> dict:
+    """The registry, keeping every method whose module imported (one broken module must not
+    hide the others: submodules imported before the failure stay registered)."""
+    try:
+        import compress.methods  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report and carry on with what registered
+        print(f"warning: not every method imported: {type(e).__name__}: {e}", file=sys.stderr)
+    base = sys.modules.get("compress.methods.base")
+    return dict(base.METHODS) if base else {}
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'flap:allocation=uniform,bias_compensation=false' -> ('flap', {...}); values as JSON where they parse."""
+    name, _, rest = spec.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def replace_section(path: Path, section: str) -> None:
+    block = f"{START}\n{section.rstrip()}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=MODEL_DIR, help="default: the shipped reference model")
+    ap.add_argument("--methods", nargs="+", help="method names or name:key=value,... variants (default: all)")
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--test-windows", type=int, default=None, help="default: the whole test slice")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    methods = load_methods()
+    variants = [parse_variant(s) for s in (args.methods or sorted(methods))]
+    for name, _ in variants:
+        if name not in methods:
+            ap.error(f"unknown or unimportable method {name!r}; available: {', '.join(sorted(methods))}")
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    calib = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), args.seq_len, args.calib_windows)
+    test_ids = token_stream(tokenizer, load_text(TEST_TEXT))
+    eval_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                   max_windows=args.test_windows, progress=False)
+    dense = perplexity(model, test_ids, **eval_kw)
+
+    rows = [f"| dense | 0 | 0.000 | {dense.perplexity:.2f} | 0 | 1.000 | - | |"]
+    for name, settings in variants:
+        label = name + "".join(f" {k}={v}" for k, v in settings.items())
+        for ratio in args.ratios:
+            cls = methods[name]
+            try:
+                t0 = time.perf_counter()
+                res = cls(**settings).prune(model, adapter, ratio, calib if cls.needs_calibration else None, args.seed)
+                seconds = time.perf_counter() - t0
+                slim = build_slim_model(model, adapter, res.plan, res.replaced)
+                q = compare(slim, model, test_ids, **eval_kw)
+            except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' rows
+                rows.append(f"| {label} | {ratio:g} | - | - | - | - | - | failed: {type(e).__name__}: {e} |")
+                print(rows[-1], file=sys.stderr)
+                continue
+            widths = [(len(lp.resolved(g).heads), len(lp.resolved(g).mlp_hidden)) for lp in res.plan.layers]
+            note = " ".join(f"{h}/{m}" for h, m in widths)
+            rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "
+                        f"| {q.top1_agreement:.3f} | {seconds:.1f} | {note} |")
+            print(rows[-1], flush=True)
+
+    section = "\n".join([
+        "## Quality on the reference model",
+        "",
+        f"Model: {'the shipped reference' if args.model == MODEL_DIR else args.model} ({model.config.model_type}, "
+        f"{g.num_layers} layers, hidden {g.hidden}, {g.num_heads} heads / {g.num_kv_heads} KV, "
+        f"MLP {g.intermediate}); calibration {len(calib)} x {args.seq_len} tokens; test slice "
+        f"{dense.windows} windows x {args.seq_len} ({dense.tokens:,} scored tokens); device {args.device} "
+        f"({torch.get_num_threads()} threads), "
+        f"float32, seed {args.seed}. Ratio = fraction of decoder-layer linear weights removed (requested / "
+        "achieved). KL = mean KL(dense || pruned) per token, nats; top-1 = argmax agreement with the dense "
+        "model. Widths = kept heads / MLP channels per layer. Produced by "
+        f"`python benchmarks/quality.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`.",
+        "",
+        "| method | ratio | removed | perplexity | KL | top-1 | prune s | widths |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    replace_section(args.results, section)
+    print("\n" + section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
