@@ -46,7 +46,7 @@ def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, s
     plan = result.plan
     plan.check(g)
     plan.base = model_identity(model, g)
-    plan.method, plan.settings, plan.seed = method, {"ratio": ratio, **m.settings}, seed
+    plan.method, plan.settings, plan.seed = method, {"ratio": ratio, **m.settings, **plan.settings}, seed
     return result
 
 
