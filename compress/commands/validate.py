@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from compress.errors import CompressError
+from compress.plan import Plan
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -23,9 +24,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
 
 
-def load_export(folder: Path) -> tuple[dict, "Plan", dict]:  # noqa: F821
+def load_export(folder: Path) -> tuple[dict, Plan, dict]:
     """report.json, the plan and the rewritten dense tensors of an exported folder."""
-    from compress.plan import Plan
     from exporters.hf_folder import REPLACED_FILE
 
     if not (folder / "plan.json").is_file():

@@ -26,9 +26,9 @@ import argparse
 import torch
 
 from compress.adapters import Adapter
-from compress.calibration import ChannelStats, collect_input_stats
+from compress.calibration import ChannelStats
 from compress.methods.base import PruneResult, register
-from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, ScoredMethod, add_option, check_ratio
+from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, CalibratedMethod, add_option, check_ratio
 from compress.methods.wanda_sp import column_scores
 from compress.plan import Plan
 
@@ -67,13 +67,13 @@ def compensation_biases(model, adapter: Adapter, plan: Plan, stats: list[dict[st
 
 
 @register
-class FLAP(ScoredMethod):
+class FLAP(CalibratedMethod):
     """Fluctuation-scored heads and channels, global adaptive widths, bias compensation."""
 
     name = "flap"
     needs_calibration = True
-    defaults = {**ScoredMethod.defaults, "allocation": "global", "standardize": "layer",
-                "bias_compensation": True, "calib_batch_size": 8}
+    defaults = {**CalibratedMethod.defaults, "allocation": "global", "standardize": "layer",
+                "bias_compensation": True}
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -84,12 +84,10 @@ class FLAP(ScoredMethod):
                    help="flap, global allocation: standardise scores per layer and type, or per type across layers")
         add_option(group, "--no-bias-compensation", dest="bias_compensation", action="store_false",
                    help="flap: do not fold the removed channels' mean output into the o_proj/down_proj biases")
-        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
-                   help="windows per forward pass while collecting activation statistics")
 
     def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
         check_ratio(ratio)
-        stats = collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
+        stats = self.input_stats(model, adapter, calib)
         head, mlp = column_scores(model, adapter, stats, fluctuation_metric)
         plan = self.plan(adapter.geometry(), head ** 2, mlp, ratio, seed,
                          allocation=self.settings["allocation"], standardize=self.settings["standardize"])

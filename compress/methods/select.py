@@ -30,7 +30,7 @@ from compress.adapters import Geometry
 from compress.methods.base import Method
 from compress.plan import LayerPlan, Plan, linear_params
 
-__all__ = ["select", "check_ratio", "head_units", "resolve_granularity", "ScoredMethod",
+__all__ = ["select", "check_ratio", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod",
            "GRANULARITIES", "ALLOCATIONS", "STANDARDIZATIONS"]
 
 GRANULARITIES = ("group", "head")
@@ -223,3 +223,21 @@ class ScoredMethod(Method):
                         head_granularity=granularity, standardize=standardize)
         settings = {**self.settings, "head_granularity": granularity}
         return Plan(layers=layers, method=self.name, settings=settings, seed=seed)
+
+
+class CalibratedMethod(ScoredMethod):
+    """A scored method that needs activation statistics of the o_proj / down_proj inputs."""
+
+    needs_calibration = True
+    defaults = {**ScoredMethod.defaults, "calib_batch_size": 8}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
+                   help="windows per forward pass while collecting activation statistics")
+
+    def input_stats(self, model, adapter, calib):
+        from compress.calibration import collect_input_stats
+
+        return collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])

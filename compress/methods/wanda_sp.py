@@ -9,14 +9,12 @@ each layer the outputs of the layers it already pruned (a sequential variant not
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from compress.adapters import Adapter
-from compress.calibration import collect_input_stats
 from compress.methods.base import PruneResult, register
-from compress.methods.select import ScoredMethod, add_option, check_ratio
+from compress.methods.select import CalibratedMethod, check_ratio
 
 __all__ = ["WandaSP", "column_scores"]
 
@@ -40,21 +38,13 @@ def wanda_metric(w: torch.Tensor, s) -> torch.Tensor:
 
 
 @register
-class WandaSP(ScoredMethod):
+class WandaSP(CalibratedMethod):
     """|W| * ||x|| per o_proj / down_proj input channel, uniform per-layer ratio."""
 
     name = "wanda-sp"
-    needs_calibration = True
-    defaults = {**ScoredMethod.defaults, "calib_batch_size": 8}
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
-                   help="windows per forward pass while collecting activation statistics")
 
     def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
         check_ratio(ratio)
-        stats = collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
+        stats = self.input_stats(model, adapter, calib)
         head, mlp = column_scores(model, adapter, stats, wanda_metric)
         return PruneResult(self.plan(adapter.geometry(), head, mlp, ratio, seed))
