@@ -16,8 +16,8 @@ from compress.adapters import get_adapter
 from compress.errors import CompressError
 from compress.methods import METHODS, PruneResult
 from compress.plan import model_identity
-from compress.slimming import build_slim_model, slim_config, slim_state_dict
-from exporters.hf_folder import REPLACED_FILE, read_weights, staged_folder, write_model_files, write_weights
+from compress.slimming import slim_config, slim_model, slim_state_dict
+from exporters.hf_folder import REPLACED_FILE, staged_folder, weights_differ, write_model_files, write_weights
 from validation.parity import TOLERANCES, Check, raise_on_failure, run_parity
 from validation.report import build_report, write_report
 
@@ -85,7 +85,7 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
         plan.save(folder / "plan.json")
         if replaced:
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
-        load = check_folder(folder, model, result, sd)
+        load = check_folder(folder, config, sd)
         print("  parity " + load.line())
         raise_on_failure([load])
         report["parity"].append(load.to_dict())
@@ -93,22 +93,20 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
     return report
 
 
-def check_folder(folder: str | Path, model, result: PruneResult, expected: dict[str, torch.Tensor]) -> Check:
-    """The folder as transformers loads it (remote code) holds exactly `expected` and computes
-    the same logits as the slim model built in memory (both in float32 on CPU)."""
+def check_folder(folder: str | Path, config, expected: dict[str, torch.Tensor]) -> Check:
+    """The folder holds exactly `expected`, and transformers (remote code) loads it into a model that
+    computes the same logits as `SlimForCausalLM(config)` around those tensors, in their dtype on CPU."""
     from transformers import AutoModelForCausalLM
 
-    on_disk = read_weights(Path(folder))
-    if on_disk.keys() != expected.keys() or not all(torch.equal(on_disk[k], expected[k].cpu()) for k in expected):
-        return Check("files", "cpu", "float32", float("inf"), TOLERANCES["float32"], False,
-                     "tensors on disk differ from the slim state dict")
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
-    mem = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced).float().cpu()
-    # A half-precision export is compared with the in-memory model rounded the same way.
-    mem.load_state_dict({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in expected.items()},
-                        strict=False)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    dtype = expected["model.embed_tokens.weight"].dtype
+    name = str(dtype).removeprefix("torch.")
+    problem = weights_differ(Path(folder), expected)
+    if problem:
+        return Check("files", "cpu", name, float("inf"), TOLERANCES[name], False, problem)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
+    mem = slim_model(config, {k: v.cpu() for k, v in expected.items()})
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (loaded(input_ids=ids).logits - mem(input_ids=ids).logits).abs().max().item()
-    return Check("files", "cpu", "float32", diff, TOLERANCES["float32"], diff <= TOLERANCES["float32"],
+        diff = (loaded(input_ids=ids).logits.float() - mem(input_ids=ids).logits.float()).abs().max().item()
+    return Check("files", "cpu", name, diff, TOLERANCES[name], diff <= TOLERANCES[name],
                  "folder loaded by transformers == in-memory slim")

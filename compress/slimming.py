@@ -15,7 +15,7 @@ from compress.plan import Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 from compress.slim import AUTO_MAP
 
-__all__ = ["slim_config", "slim_state_dict", "build_slim_model"]
+__all__ = ["slim_config", "slim_state_dict", "build_slim_model", "slim_model"]
 
 
 class _Weights:
@@ -143,9 +143,11 @@ def _norm(sd, name, w: _Weights, module) -> None:
 
 def build_slim_model(model, adapter: Adapter, plan: Plan, replaced=None) -> SlimForCausalLM:
     """An in-memory slim model (same dtype and device as the dense one), for parity and export."""
-    config = slim_config(model, adapter, plan, replaced)
-    sd = slim_state_dict(model, adapter, plan, replaced)
-    ref = sd["model.embed_tokens.weight"]
+    return slim_model(slim_config(model, adapter, plan, replaced), slim_state_dict(model, adapter, plan, replaced))
+
+
+def slim_model(config: SlimConfig, sd: dict[str, torch.Tensor]) -> SlimForCausalLM:
+    """A slim model around the tensors of `sd` themselves (no copy: a 7B export holds one set)."""
     with torch.device("meta"):
         slim = SlimForCausalLM(config)
     slim.load_state_dict(sd, strict=False, assign=True)
@@ -154,4 +156,4 @@ def build_slim_model(model, adapter: Adapter, plan: Plan, replaced=None) -> Slim
     missing = [n for n, t in list(slim.named_parameters()) + list(slim.named_buffers()) if t.is_meta]
     if missing:
         raise RuntimeError(f"slim model left without weights: {missing[:5]}")
-    return slim.to(dtype=ref.dtype).eval()
+    return slim.to(dtype=sd["model.embed_tokens.weight"].dtype).eval()

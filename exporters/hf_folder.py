@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from compress.errors import CompressError
 from compress.slim import SOURCE_FILES
 
-__all__ = ["staged_folder", "write_weights", "write_model_files", "read_weights", "INDEX_FILE", "REPLACED_FILE"]
+__all__ = ["staged_folder", "write_weights", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPLACED_FILE = "replaced.safetensors"
@@ -64,23 +64,34 @@ def write_weights(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_s
     return total
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder written by `write_weights`, with a one-line error if any is unreadable."""
+def weights_differ(folder: Path, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why the tensors of a folder written by `write_weights` are not exactly `expected`, or None.
+
+    Reads one tensor at a time, so checking a 7B export never holds a second copy of it.
+    An unreadable or truncated shard is a one-line CompressError.
+    """
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         raise CompressError(f"{folder}: no {INDEX_FILE}; not a folder written by `compress export`")
     weight_map = json.loads(index_path.read_text())["weight_map"]
-    out = {}
+    if weight_map.keys() != expected.keys():
+        diff = sorted(weight_map.keys() ^ expected.keys())
+        return f"tensor names differ from the slim state dict: {diff[:3]}"
     for filename in sorted(set(weight_map.values())):
         try:
             with safe_open(str(folder / filename), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
+                names = [k for k, v in weight_map.items() if v == filename]
+                missing = set(names) - set(f.keys())
+                if missing:
+                    raise CompressError(f"{folder}: tensors listed in the index are missing: {sorted(missing)[:3]}")
+                for k in names:
+                    if not torch.equal(f.get_tensor(k), expected[k].cpu()):
+                        return f"tensor {k} on disk differs from the slim state dict"
+        except CompressError:
+            raise
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise CompressError(f"{folder / filename}: unreadable safetensors file ({e})") from None
-    missing = set(weight_map) - set(out)
-    if missing:
-        raise CompressError(f"{folder}: tensors listed in the index are missing: {sorted(missing)[:3]}")
-    return out
+    return None
 
 
 def write_model_files(folder: Path, config, tokenizer=None, generation_config=None) -> None:

@@ -105,6 +105,19 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
     assert "files" in capsys.readouterr().err
 
 
+def test_half_precision_export_validates_and_a_truncated_shard_is_one_line(tmp_path, capsys):
+    dense = save_dense(tiny_model("mistral"), tmp_path / "dense")
+    out = tmp_path / "slim"
+    argv = ["--model", str(dense), "--method", "wanda-sp", "--ratio", "0.3", "--out", str(out), "--dtype", "float16"]
+    assert main(["export", *argv, *FAST]) == 0
+    files = json.loads((out / "report.json").read_text())["parity"][-1]
+    assert files["name"] == "files" and files["dtype"] == "float16" and files["passed"]
+    assert main(["validate", str(out), "--model", str(dense)]) == 0
+    shard = next(out.glob("model*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _fails(["validate", str(out), "--model", str(dense)], capsys, "unreadable safetensors file")
+
+
 def test_python_api_round_trip(tmp_path):
     from compress import export, prune
     from compress.textdata import windows

@@ -53,9 +53,8 @@ def method_settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from compress.reference import CALIB_TEXT, TEST_TEXT
+    from compress.reference import CALIB_TEXT
     from compress.textdata import load_text, token_stream, windows
-    from validation.quality import compare
 
     check_ratio(args.ratio)
     out = args.out.resolve()
@@ -72,16 +71,7 @@ def run(args: argparse.Namespace) -> int:
     result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
     prune_s = time.perf_counter() - t1
 
-    quality = {}
-    if args.eval_windows:
-        from compress.adapters import get_adapter
-        from compress.slimming import build_slim_model
-
-        slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
-        q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
-                    max_windows=args.eval_windows, device=device)
-        quality = {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
-                   "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+    quality = _quality(model, result, tokenizer, args, device) if args.eval_windows else {}
     extra = {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
              else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
     report = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
@@ -96,3 +86,19 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _quality(model, result, tokenizer, args, device) -> dict:
+    """Held-out perplexity / KL of the slim model for the report (the slim model is freed on return)."""
+    from compress.adapters import get_adapter
+    from compress.reference import TEST_TEXT
+    from compress.slimming import build_slim_model
+    from compress.textdata import load_text, token_stream
+    from validation.quality import compare
+
+    slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
+    q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
+                max_windows=args.eval_windows, device=device)
+    return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
+            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+

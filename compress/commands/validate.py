@@ -38,13 +38,12 @@ def load_export(folder: Path) -> tuple[dict, Plan, dict]:
 def run(args: argparse.Namespace) -> int:
     from compress.adapters import get_adapter
     from compress.loading import load_model, load_tokenizer, resolve_device
-    from compress.methods import PruneResult
     from compress.pipeline import check_folder
     from compress.plan import model_identity
     from compress.reference import CALIB_TEXT
-    from compress.slimming import slim_state_dict
+    from compress.loading import resolve_dtype
+    from compress.slimming import slim_config, slim_state_dict
     from compress.textdata import load_text, token_stream, windows
-    from exporters.hf_folder import read_weights
     from validation.parity import raise_on_failure, run_parity
 
     folder = args.folder.resolve()
@@ -55,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     plan.check_identity(model_identity(model, adapter.geometry()))
     print(f"plan matches {base or 'the reference model'} ({plan.base.get('fingerprint')})")
 
-    on_disk = read_weights(folder)
-    dtype = next(iter(on_disk.values())).dtype
+    dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
     expected = {k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
-    files = check_folder(folder, model, PruneResult(plan, replaced), expected)
+    config = slim_config(model, adapter, plan, replaced)
+    files = check_folder(folder, config, expected)
+    del expected
     tokenizer = load_tokenizer(folder, trust_remote_code=True)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
     checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
