@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from compress.adapters import get_adapter  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
 from compress.slimming import build_slim_model  # noqa: E402
-from compress.textdata import load_text, token_stream, windows  # noqa: E402
+from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from validation.quality import compare, perplexity  # noqa: E402
 
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=MODEL_DIR, help="default: the shipped reference model")
     ap.add_argument("--methods", nargs="+", help="method names or name:key=value,... variants (default: all)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
-    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--calib-windows", type=int, default=None, help="default: all of the calibration slice")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--test-windows", type=int, default=None, help="default: the whole test slice")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     adapter = get_adapter(model.config)
     g = adapter.geometry()
-    calib = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), args.seq_len, args.calib_windows)
+    calib = calibration_windows(token_stream(tokenizer, load_text(CALIB_TEXT)), args.seq_len, args.calib_windows)
     test_ids = token_stream(tokenizer, load_text(TEST_TEXT))
     eval_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                    max_windows=args.test_windows, progress=False)

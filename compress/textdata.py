@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_text", "token_stream", "windows"]
+__all__ = ["load_text", "token_stream", "windows", "calibration_windows", "MAX_CALIB_WINDOWS"]
+
+MAX_CALIB_WINDOWS = 512  # the default takes every window of the calibration text up to this many
 
 
 def load_text(path: str | Path) -> str:
@@ -62,3 +64,15 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
     if max_windows is not None:
         n = max_windows
     return ids.unfold(0, seq_len, stride)[:n].contiguous()
+
+
+def calibration_windows(ids: torch.Tensor, seq_len: int, n: int | None = None) -> torch.Tensor:
+    """`n` calibration windows, or (None) every window the text gives, at most MAX_CALIB_WINDOWS.
+
+    Learned masks (DISP) overfit a small calibration set, so the default uses all the text
+    there is (358 windows of 256 tokens in the shipped slice) rather than a fixed count.
+    """
+    if n is not None:
+        return windows(ids, seq_len, n)
+    return windows(ids, seq_len)[:MAX_CALIB_WINDOWS]
+

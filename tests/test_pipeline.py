@@ -17,7 +17,7 @@ import os
 from compress.reference import MODEL_DIR
 
 TOKENIZER_DIR = os.environ.get("TEST_TOKENIZER_DIR", MODEL_DIR)
-from tiny import tiny_model
+from tiny import TINY_CONFIGS, tiny_model
 
 FAST = ["--calib-samples", "8", "--seq-len", "32", "--eval-windows", "2"]
 
@@ -103,6 +103,22 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
     save_file(tensors, shard, metadata={"format": "pt"})
     assert main(["validate", str(bad), "--model", str(dense)]) == 2
     assert "files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_headline_disp_export_on_each_family(family, tmp_path, capsys):
+    """`compress export --method disp --ratio 0.5` as a new user runs it, on a small checkpoint of each family."""
+    dense = save_dense(tiny_model(family), tmp_path / "dense")
+    out = tmp_path / "slim"
+    assert main(["export", "--model", str(dense), "--method", "disp", "--ratio", "0.5", "--out", str(out),
+                 "--steps", "4", "--batch-size", "2", *FAST]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["ratio"]["achieved_linear"] - 0.5) < 0.01 and report["method"] == "disp"
+    assert all(c["passed"] for c in report["parity"]) and len(report["parity"]) == 4
+    q = report["quality"]
+    assert q["windows"] == 2 and q["dense_ppl"] > 1 and q["slim_ppl"] > 1 and q["kl"] >= 0
+    assert "achieved: 0.5" in printed and "perplexity dense" in printed
 
 
 def test_half_precision_export_validates_and_a_truncated_shard_is_one_line(tmp_path, capsys):

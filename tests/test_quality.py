@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compress.textdata import load_text, windows
+from compress.textdata import MAX_CALIB_WINDOWS, calibration_windows, load_text, windows
 from validation.quality import compare, perplexity
 
 V = 64
@@ -46,6 +46,14 @@ def test_windows_fixed_and_sliding():
     assert windows(ids, 4, stride=2).tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
     assert windows(ids, 4, max_windows=1).tolist() == [[0, 1, 2, 3]]
     assert windows(ids, 4).dtype == torch.long
+
+
+def test_calibration_windows_take_all_the_text_up_to_the_cap():
+    assert calibration_windows(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert calibration_windows(torch.arange(10), 4, 1).tolist() == [[0, 1, 2, 3]]
+    assert calibration_windows(torch.arange(4 * MAX_CALIB_WINDOWS + 8), 4).shape == (MAX_CALIB_WINDOWS, 4)
+    with pytest.raises(ValueError, match="3 requested"):
+        calibration_windows(torch.arange(10), 4, 3)
 
 
 def test_windows_errors_on_short_text():

@@ -25,7 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the exported weights")
     p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--calib", default=None, help="calibration text file (default: the shipped calibration slice)")
-    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="number of calibration windows (default: every window of the text, at most 512)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
 
 
@@ -54,7 +55,7 @@ def method_settings(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from compress.reference import CALIB_TEXT
-    from compress.textdata import load_text, token_stream, windows
+    from compress.textdata import calibration_windows, load_text, token_stream
 
     check_ratio(args.ratio)
     out = args.out.resolve()
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
-    calib = windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len, args.calib_samples)
+    calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
+                                args.calib_samples)
     print(f"loaded {args.model or 'the reference model'} on {device}; calibration {tuple(calib.shape)} tokens")
 
     t1 = time.perf_counter()
