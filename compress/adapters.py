@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.errors import UnsupportedModelError
 
-__all__ = ["Geometry", "LayerParts", "Adapter", "get_adapter", "SUPPORTED_FAMILIES"]
+__all__ = ["Geometry", "LayerParts", "FusedSlice", "Adapter", "get_adapter", "SUPPORTED_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,47 @@ class Geometry:
         return self.num_heads // self.num_kv_heads
 
 
+@dataclass(frozen=True)
+class FusedSlice:
+    """Output rows [start, stop) of a fused linear (Phi-3's qkv_proj, gate_up_proj), read like an
+    nn.Linear. Only the weights are read through it: no hook is ever placed on q/k/v/gate/up."""
+
+    module: nn.Linear
+    start: int
+    stop: int
+
+    @property
+    def weight(self):
+        return self.module.weight[self.start:self.stop]
+
+    @property
+    def bias(self):
+        b = self.module.bias
+        return None if b is None else b[self.start:self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+
 @dataclass
 class LayerParts:
-    """The modules of one decoder layer; `gate`, `q_norm`, `k_norm` may be None."""
+    """The modules of one decoder layer; `gate`, `q_norm`, `k_norm` may be None. q/k/v/gate/up may
+    be `FusedSlice`s; the norms, `o` and `down` are always real modules (masks hook onto them)."""
 
     attn_norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | FusedSlice
+    k: nn.Linear | FusedSlice
+    v: nn.Linear | FusedSlice
     o: nn.Linear
     mlp_norm: nn.Module
-    up: nn.Linear
+    up: nn.Linear | FusedSlice
     down: nn.Linear
-    gate: nn.Linear | None = None
+    gate: nn.Linear | FusedSlice | None = None
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
 
@@ -199,7 +227,24 @@ class OPTAdapter(Adapter):
         return None, 1.0
 
 
-_ADAPTERS = (Adapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, OPTAdapter)
+class Phi3Adapter(MistralAdapter):
+    """Phi-3: Llama layout with fused qkv_proj (q | k | v rows) and gate_up_proj (gate | up rows),
+    optional sliding window, partial rotary (the slim model rotates the first dims only)."""
+
+    model_types = ("phi3",)
+
+    def parts(self, layer) -> LayerParts:
+        a, m, g = layer.self_attn, layer.mlp, self.geometry()
+        q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+        return LayerParts(
+            attn_norm=layer.input_layernorm, q=FusedSlice(a.qkv_proj, 0, q), k=FusedSlice(a.qkv_proj, q, q + kv),
+            v=FusedSlice(a.qkv_proj, q + kv, q + 2 * kv), o=a.o_proj, mlp_norm=layer.post_attention_layernorm,
+            gate=FusedSlice(m.gate_up_proj, 0, g.intermediate),
+            up=FusedSlice(m.gate_up_proj, g.intermediate, 2 * g.intermediate), down=m.down_proj,
+        )
+
+
+_ADAPTERS = (Adapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, OPTAdapter, Phi3Adapter)
 SUPPORTED_FAMILIES = {t: cls for cls in _ADAPTERS for t in cls.model_types}
 
 

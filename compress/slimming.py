@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.adapters import Adapter
+from compress.adapters import Adapter, FusedSlice
 from compress.plan import Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 from compress.slim import AUTO_MAP
@@ -25,7 +25,10 @@ class _Weights:
         self.names = {m: n for n, m in model.named_modules()}
         self.replaced = replaced or {}
 
-    def get(self, module: nn.Module, attr: str) -> torch.Tensor | None:
+    def get(self, module: nn.Module | FusedSlice, attr: str) -> torch.Tensor | None:
+        if isinstance(module, FusedSlice):
+            t = self.get(module.module, attr)
+            return None if t is None else t[module.start:module.stop]
         name = f"{self.names[module]}.{attr}"
         if name in self.replaced:
             return self.replaced[name]

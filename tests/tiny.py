@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
 
 VOCAB = 4096  # the shipped reference tokenizer's size, so tiny folders can reuse it
 
@@ -19,6 +20,9 @@ TINY_CONFIGS = {
     "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=4, head_dim=16, attention_bias=True),
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
                              ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64),
+    "phi3": lambda: Phi3Config(**_COMMON, num_key_value_heads=4, sliding_window=16, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                "partial_rotary_factor": 0.5}),
 }
 
 
