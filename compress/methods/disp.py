@@ -16,15 +16,15 @@ Departures from the reference code, each for a reason:
 - gradient checkpointing wraps each decoder layer in `torch.utils.checkpoint` (CUDA only)
   instead of `gradient_checkpointing_enable()`, which needs train mode and with it dropout.
 
-Default steps: 2,000 of batch 4 x 256 tokens with lr 1e-3 (2M tokens seen, 22 passes over the
-358 windows of the shipped calibration slice). On the reference model one step takes about 0.25 s on two CPU
-cores, so the whole default `compress export --method disp --ratio 0.5` stays under ten minutes
-there. Fewer steps leave many channels undecided (after 600 steps a third of all logits sit
-within 1 of the threshold) and cost quality: held-out perplexity at ratio 0.5 (dense 76.89,
-FLAP 83.08) was 84.56 after 600 steps on 128 calibration windows, 83.99 on all 358 windows,
-83.56 after 1,200 steps on 128 and 81.54 after 2,000 steps on all 358. The reference used 10,000 steps
-of 2,048 tokens on a 7B model; on a GPU, raise `--steps`. On a CPU shared with other jobs,
-OMP_NUM_THREADS=1 can be several times faster than two threads contending for one core.
+Default steps: 2,000 of batch 4 x 256 tokens with lr 1e-3 (2M tokens, 22 passes over the 358
+windows of the shipped calibration slice). On the reference model a step takes about 0.25 s on
+two CPU cores, so the default `compress export --method disp --ratio 0.5` stays under ten
+minutes there (7 min 49 s measured). Fewer steps leave masks undecided (after 600 steps a third
+of all logits sit within 1 of the threshold) and cost quality: held-out perplexity at ratio 0.5
+(dense 76.89, FLAP 82.52) was 84.56 after 600 steps on 128 calibration windows, 83.99 on all
+358, 83.56 after 1,200 steps on 128 and 81.54 after 2,000 steps on all 358. The reference used
+10,000 steps of 2,048 tokens on a 7B model; on a GPU, raise `--steps`. On a CPU shared with
+other jobs, OMP_NUM_THREADS=1 can be several times faster than two threads contending for one core.
 """
 
 from __future__ import annotations
