@@ -127,5 +127,5 @@ def test_plan_errors_are_clear():
 def test_unknown_family_names_the_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="llama, mistral, opt, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, opt, phi3, qwen2, qwen3$"):
         get_adapter(GPT2Config())
