@@ -77,20 +77,21 @@ def weights_differ(folder: Path, expected: dict[str, torch.Tensor]) -> str | Non
     if weight_map.keys() != expected.keys():
         diff = sorted(weight_map.keys() ^ expected.keys())
         return f"tensor names differ from the slim state dict: {diff[:3]}"
-    for filename in sorted(set(weight_map.values())):
+    by_file: dict[str, list[str]] = {}
+    for name, filename in weight_map.items():
+        by_file.setdefault(filename, []).append(name)
+    for filename, names in sorted(by_file.items()):
         try:
             with safe_open(str(folder / filename), framework="pt") as f:
-                names = [k for k, v in weight_map.items() if v == filename]
-                missing = set(names) - set(f.keys())
-                if missing:
-                    raise CompressError(f"{folder}: tensors listed in the index are missing: {sorted(missing)[:3]}")
-                for k in names:
-                    if not torch.equal(f.get_tensor(k), expected[k].cpu()):
-                        return f"tensor {k} on disk differs from the slim state dict"
-        except CompressError:
-            raise
+                missing = sorted(set(names) - set(f.keys()))
+                differs = None if missing else next(
+                    (k for k in names if not torch.equal(f.get_tensor(k), expected[k].cpu())), None)
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise CompressError(f"{folder / filename}: unreadable safetensors file ({e})") from None
+        if missing:
+            raise CompressError(f"{folder}: tensors listed in the index are missing: {missing[:3]}")
+        if differs:
+            return f"tensor {differs} on disk differs from the slim state dict"
     return None
 
 

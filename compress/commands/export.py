@@ -103,4 +103,3 @@ def _quality(model, result, tokenizer, args, device) -> dict:
                 max_windows=args.eval_windows, device=device)
     return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
             "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
-

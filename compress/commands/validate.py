@@ -37,11 +37,10 @@ def load_export(folder: Path) -> tuple[dict, Plan, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from compress.adapters import get_adapter
-    from compress.loading import load_model, load_tokenizer, resolve_device
+    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from compress.pipeline import check_folder
     from compress.plan import model_identity
     from compress.reference import CALIB_TEXT
-    from compress.loading import resolve_dtype
     from compress.slimming import slim_config, slim_state_dict
     from compress.textdata import load_text, token_stream, windows
     from validation.parity import raise_on_failure, run_parity
