@@ -102,5 +102,24 @@ def write_model_files(folder: Path, config, tokenizer=None, generation_config=No
         shutil.copy(src, folder / src.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        _portable_tokenizer_config(folder, tokenizer)
     if generation_config is not None:
         generation_config.save_pretrained(folder)
+
+
+def _portable_tokenizer_config(folder: Path, tokenizer) -> None:
+    """Name a class every transformers release knows, so the tokenizer loads without remote code.
+
+    transformers 5 writes `TokenizersBackend`, which 4.57 does not know; `PreTrainedTokenizerFast`
+    is understood by both (5.x maps it to TokenizersBackend). `model_input_names` is written so
+    4.57 does not add `token_type_ids`, which causal LMs do not take; machine-local keys go.
+    """
+    path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not path.is_file():
+        return  # a slow-only (e.g. sentencepiece) tokenizer keeps its own class
+    cfg = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["model_input_names"] = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

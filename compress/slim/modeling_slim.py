@@ -24,6 +24,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_slim import SlimConfig
 
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`;
+# earlier releases (4.57 included) know only the old name. Both are accepted; outputs use the
+# name of the installed release, so generate() finds the cache where it looks for it.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# What generate() of some releases passes and this model does not need (4.57 always sends
+# `cache_position`; positions here come from the attention mask and the cache's length).
+IGNORED_ARGUMENTS = frozenset({"cache_position"})
+
 ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -217,17 +225,17 @@ class SlimModel(SlimPreTrainedModel):
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed[:, None]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if past_key_values is None:
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is None:
             past = 0
         elif self.cache_layer is not None:
-            past = past_key_values.get_seq_length(self.cache_layer)
+            past = cache.get_seq_length(self.cache_layer)
         else:  # no attention anywhere: only the mask knows how many tokens came before
             past = attention_mask.shape[1] - T if attention_mask is not None else 0
         if attention_mask is None:
@@ -246,9 +254,13 @@ class SlimModel(SlimPreTrainedModel):
             scale = self.config.rope_attention_scaling
             cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
+        hidden_states = []
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, past_key_values)
-        return self.norm(x), past_key_values
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = layer(x, cos, sin, mask, cache)
+        x = self.norm(x)
+        return x, cache, (*hidden_states, x) if output_hidden_states else None
 
 
 class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
@@ -266,15 +278,35 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        hidden, cache = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=None,
+                output_attentions=None, return_dict=None, past_key_values: Cache | None = None, **kwargs):
+        """Causal LM forward. `cache` and `past_key_values` are the same argument under its new and old name.
+
+        Other keyword arguments are refused, except the few in IGNORED_ARGUMENTS. Attention weights
+        are never materialised (SDPA), so `output_attentions` is refused rather than answered with nothing.
+        """
+        unknown = sorted(set(kwargs) - IGNORED_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"SlimForCausalLM.forward() got unexpected keyword arguments {unknown}")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        if output_attentions:
+            raise ValueError("output_attentions is not supported by the slim model (it runs SDPA attention)")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden, cache, all_hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states)
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:  # a tensor of positions, as generate() may pass
+            hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden, **{CACHE_NAME: cache})
+        return out.to_tuple() if return_dict is False else out
