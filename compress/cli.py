@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CompressError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional dependency (onnxruntime, gguf) absent or broken
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

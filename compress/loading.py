@@ -1,7 +1,10 @@
-"""Loading dense checkpoints (safetensors only) with one-line errors for bad input."""
+"""Loading checkpoints with one-line errors for bad input: Hugging Face folders (safetensors only,
+never pickle), Hub ids, and GGUF files (dequantized to the requested dtype by transformers' GGUF
+loader, which needs the `gguf` extra: pip install 'compress-llm[gguf]')."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -34,6 +37,28 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def _source(name_or_path: str | Path | None) -> tuple[str, dict]:
+    """(what from_pretrained loads, extra keyword arguments): a folder or Hub id as is, a GGUF file
+    as its folder plus `gguf_file`."""
+    path = Path(name_or_path) if name_or_path else default_model_dir()
+    if path.suffix.lower() != ".gguf":
+        if path.exists():
+            _check_local(path)
+        elif name_or_path and str(name_or_path).startswith((".", "/", "~")):
+            raise CompressError(f"{name_or_path}: no such model folder")
+        return str(path), {}
+    if not path.is_file():
+        raise CompressError(f"{path}: no such GGUF file")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CompressError(f"loading a GGUF file needs {' and '.join(missing)}: pip install 'compress-llm[gguf]'")
+    return str(path.resolve().parent), {"gguf_file": path.name}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _check_local(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise CompressError(f"{path}: no config.json; not a Hugging Face model folder")
@@ -47,38 +72,40 @@ def _check_local(path: Path) -> None:
 
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", trust_remote_code: bool = False):
-    """A causal LM from a local folder or a Hub id, in eval mode, refusing non-safetensors weights."""
+    """A causal LM from a local folder, a Hub id or a GGUF file, in eval mode, refusing pickle weights.
+
+    trust_remote_code only for folders this project wrote (their config names our modeling code).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.adapters import get_adapter
 
-    path = Path(name_or_path) if name_or_path else default_model_dir()
-    if path.exists():
-        _check_local(path)
-    elif name_or_path and str(name_or_path).startswith((".", "/", "~")):
-        raise CompressError(f"{name_or_path}: no such model folder")
+    source, kw = _source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load config of {path}: {str(e).strip().splitlines()[0]}") from None
+        raise CompressError(f"cannot load config of {name_or_path or source}: {_first_line(e)}") from None
     if not trust_remote_code:
         get_adapter(config)  # refuse an unsupported family before reading any weights
+    if not kw:
+        kw["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except Exception as e:  # noqa: BLE001  safetensors, torch and transformers each raise their own types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CompressError(f"cannot load model {path}: {first}") from None
+        raise CompressError(f"cannot load model {name_or_path or source}: {_first_line(e)}") from None
     return model.to(device).eval()
 
 
-def load_tokenizer(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
-    """trust_remote_code only for folders this project wrote (their config names our modeling code)."""
+def load_tokenizer(name_or_path: str | Path | None = None):
+    """The tokenizer of a folder, Hub id or GGUF file.
+
+    Never runs remote code: a slim folder's tokenizer needs none, and transformers 5 would
+    otherwise ask about the model code its config.json names.
+    """
     from transformers import AutoTokenizer
 
-    path = Path(name_or_path) if name_or_path else default_model_dir()
+    source, kw = _source(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise CompressError(f"cannot load tokenizer from {name_or_path or source}: {_first_line(e)}") from None

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="model folder to evaluate")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="model folder, Hub id or GGUF file to evaluate")
     parser.add_argument("--reference", type=Path, default=None, metavar="DENSE",
-                        help="dense model folder to compare against (KL, top-1 agreement)")
+                        help="dense model (folder, Hub id or GGUF file) to compare against (KL, top-1 agreement)")
     parser.add_argument("--text", type=Path, default=TEST_TEXT, metavar="FILE", help="UTF-8 text to score")
     parser.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
     parser.add_argument("--stride", type=int, default=None,
@@ -39,47 +39,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="allow the custom modeling code of slim folders")
 
 
-def _check_dir(path: Path, what: str) -> Path:
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise FileNotFoundError(f"{what} folder not found (no config.json): {path}")
-    return path
-
-
-def load_model(path: Path, device: str, trust_remote_code: bool = True):
-    """float32 causal LM from a local folder, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(_check_dir(path, "model"), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
-
-
-def load_tokenizer(*folders: Path, trust_remote_code: bool = True):
-    """Tokenizer of the first folder that has one (a slim folder may rely on its dense parent's)."""
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    raise FileNotFoundError(f"no tokenizer in {', '.join(str(f) for f in folders if f is not None)}")
+def _tokenizer_source(*models: Path | None) -> Path:
+    """The first model that carries a tokenizer (a slim folder may rely on its dense parent's)."""
+    for m in models:
+        if m is not None and (m.suffix.lower() == ".gguf" or any(
+                (m / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
+            return m
+    raise FileNotFoundError(f"no tokenizer in {', '.join(str(m) for m in models if m is not None)}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from compress.loading import load_model, load_tokenizer
     from validation.quality import compare, perplexity
 
-    _check_dir(args.model, "model")
-    if args.reference is not None:
-        _check_dir(args.reference, "reference")
     text = load_text(args.text)
-    tokenizer = load_tokenizer(args.model, args.reference, trust_remote_code=args.trust_remote_code)
-    ids = token_stream(tokenizer, text)
-    model = load_model(args.model, args.device, args.trust_remote_code)
+    ids = token_stream(load_tokenizer(_tokenizer_source(args.model, args.reference)), text)
+    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, stride=args.stride,
               max_windows=args.max_windows)
     if args.reference is None:
         res = perplexity(model, ids, **kw)
     else:
-        reference = load_model(args.reference, args.device, args.trust_remote_code)
+        reference = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
         res = compare(model, reference, ids, **kw)
     mode = f"{res.mode} {res.seq_len}-token windows" + (f", stride {res.stride}" if res.stride else "")
     print(f"model:      {args.model}")

@@ -24,7 +24,7 @@ SHAPES = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="dense model folder (default: the shipped reference model)")
+    p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of this shape instead")
     p.add_argument("--layers", type=int, default=None, help="with --shape: number of layers")
     p.add_argument("--slim", type=Path, nargs="*", default=[], help="exported slim folders to compare")

@@ -20,7 +20,7 @@ DEFAULT_METHOD = "disp" if "disp" in METHODS else "wanda-sp"
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a dense model and calibration text."""
-    p.add_argument("--model", default=None, help="dense model folder or Hub id (default: the shipped reference model)")
+    p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the exported weights")
     p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")

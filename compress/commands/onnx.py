@@ -68,7 +68,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
     slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
-    ids = windows(token_stream(load_tokenizer(folder, trust_remote_code=True), load_text(CALIB_TEXT)), 24, 1)
+    ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
     with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:
         export_onnx(slim, staging, dtype=dtype)
         checks = onnx_parity(slim, staging, dtype, ids)

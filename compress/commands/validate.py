@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     config = slim_config(model, adapter, plan, replaced)
     files = check_folder(folder, config, expected)
     del expected
-    tokenizer = load_tokenizer(folder, trust_remote_code=True)
+    tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
     checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
     for c in checks:
