@@ -1,4 +1,4 @@
-"""Quality of every pruning method on the shipped reference model, at several ratios.
+"""Quality of every pruning method on a model (the shipped reference model by default), at several ratios.
 
 For each method (and each `--methods` variant such as `flap:allocation=uniform`) and ratio:
 prune with the calibration slice, build the slim model, and measure perplexity, KL(dense ||
@@ -8,6 +8,8 @@ prints it.
 
     python benchmarks/quality.py                       # all registered methods
     python benchmarks/quality.py --methods magnitude wanda-sp flap flap:standardize=type
+    python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section smollm2 \
+        --calib-windows 64 --test-windows 64 --methods magnitude wanda-sp flap disp:steps=400,batch_size=2
 """
 
 from __future__ import annotations
@@ -20,16 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from compress.adapters import get_adapter  # noqa: E402
+from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
 from compress.slimming import build_slim_model  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from validation.quality import compare, perplexity  # noqa: E402
 
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -57,11 +58,13 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, settings
 
 
-def replace_section(path: Path, section: str) -> None:
-    block = f"{START}\n{section.rstrip()}\n{END}"
+def replace_section(path: Path, section: str, name: str) -> None:
+    """Replace the text between this section's markers (appended the first time)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{section.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
@@ -69,7 +72,9 @@ def replace_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=MODEL_DIR, help="default: the shipped reference model")
+    ap.add_argument("--model", type=Path, default=MODEL_DIR,
+                    help="folder or GGUF file (default: the shipped reference model)")
+    ap.add_argument("--section", default="quality", help="name of the RESULTS.md section to (re)write")
     ap.add_argument("--methods", nargs="+", help="method names or name:key=value,... variants (default: all)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--calib-windows", type=int, default=None, help="default: all of the calibration slice")
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown or unimportable method {name!r}; available: {', '.join(sorted(methods))}")
 
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
     adapter = get_adapter(model.config)
     g = adapter.geometry()
     calib = calibration_windows(token_stream(tokenizer, load_text(CALIB_TEXT)), args.seq_len, args.calib_windows)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
 
     section = "\n".join([
-        "## Quality on the reference model",
+        f"## Quality on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
         "",
         f"Model: {'the shipped reference' if args.model == MODEL_DIR else args.model} ({model.config.model_type}, "
         f"{g.num_layers} layers, hidden {g.hidden}, {g.num_heads} heads / {g.num_kv_heads} KV, "
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ])
-    replace_section(args.results, section)
+    replace_section(args.results, section, args.section)
     print("\n" + section)
     return 0
 
