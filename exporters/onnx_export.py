@@ -29,6 +29,8 @@ from onnxscript import opset18 as op
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from compress.slim.modeling_slim import CACHE_NAME
+
 __all__ = ["export_onnx", "check_onnx_parity", "kv_layers", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME"]
 
 CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
@@ -222,7 +224,7 @@ def _parity(slim_model, runner, ids: np.ndarray, steps: int) -> dict:
 
     torch_tokens = slim_model.generate(
         t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, max_new_tokens=steps,
-        eos_token_id=None, pad_token_id=0, past_key_values=DynamicCache(),
+        eos_token_id=None, pad_token_id=0, **{CACHE_NAME: DynamicCache()},
     )[:, ids.shape[1]:].cpu().numpy()
     onnx_tokens = runner.generate(ids, max_new_tokens=steps, eos_token_id=None).new_ids
     n = min(torch_tokens.shape[1], onnx_tokens.shape[1])

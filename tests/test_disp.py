@@ -16,6 +16,7 @@ from compress.methods.disp import DISP, _checkpointed, _frozen, build_plan, sele
 from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_params, relax
 from compress.plan import LayerPlan, linear_params
 from compress.slimming import build_slim_model
+from compress.slim.modeling_slim import CACHE_NAME
 from tiny import TINY_CONFIGS, tiny_model
 
 FAST = {"steps": 3, "batch_size": 2}
@@ -131,7 +132,7 @@ def test_prune_heads_shrinks_kv_cache():
     _assert_parity(model, adapter, plan)
     slim = build_slim_model(model, adapter, plan)
     with torch.no_grad():
-        cache = slim(input_ids=_calib(1, 10), use_cache=True).past_key_values
+        cache = slim(input_ids=_calib(1, 10), use_cache=True)[CACHE_NAME]
     keys = [layer.keys for layer in cache.layers]
     assert [k.shape[1] for k in keys] == kv
     assert sum(k.numel() for k in keys) < g.num_layers * g.num_kv_heads * g.head_dim * 10

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
+from compress.slim.modeling_slim import CACHE_NAME
 
 from compress.adapters import get_adapter
 from compress.plan import LayerPlan, Plan
@@ -71,7 +72,7 @@ def test_left_padded_batch_matches_slim_generate(exported):
     mask[1, :4] = 0
     got = runner.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=None)
     want = slim.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                         max_new_tokens=6, eos_token_id=None, pad_token_id=0, past_key_values=DynamicCache())
+                         max_new_tokens=6, eos_token_id=None, pad_token_id=0, **{CACHE_NAME: DynamicCache()})
     np.testing.assert_array_equal(got.ids, want.numpy())
 
 

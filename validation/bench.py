@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from compress.slim.modeling_slim import CACHE_NAME
+
 __all__ = ["Speed", "bytes_per_token", "torch_speed", "onnx_speed", "format_table"]
 
 
@@ -60,14 +62,14 @@ def torch_speed(model, name: str, batch: int, prompt: int, new_tokens: int, repe
                         generator=torch.Generator(device).manual_seed(0))
 
     def prefill():
-        return model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        return model(input_ids=ids, use_cache=True, **{CACHE_NAME: DynamicCache()})
 
     def decode():
         out = prefill()
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, tok = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, use_cache=True, **{CACHE_NAME: cache})
+            cache, tok = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
 
     t_pre = _median_time(prefill, device, repeats)
     t_all = _median_time(decode, device, repeats)

@@ -1,0 +1,111 @@
+"""The equivalence check fails when the slim model is built from a plan that is wrong in one place.
+
+The check compares a slim model with the dense model masked by the plan; here the slim model
+is (deliberately) built from a mutated copy of the plan: one residual index off, one query
+head swapped for a pruned one of the same KV group, one MLP channel taken from another
+layer's kept set. A correct plan must pass on the same models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compress import prune  # before validation.parity, which the package imports
+from compress.adapters import get_adapter
+from compress.loading import load_model, load_tokenizer
+from compress.reference import CALIB_TEXT
+from compress.textdata import calibration_windows, load_text, token_stream
+from validation import parity
+from test_slim import odd_plan
+from tiny import TINY_CONFIGS, tiny_model
+
+MUTATIONS = ("index_off", "head_swapped", "channel_of_another_layer")
+
+
+def _swap_one(kept: list[int], candidates) -> list[int] | None:
+    absent = [c for c in candidates if c not in kept]
+    if not kept or not absent:
+        return None
+    return sorted(kept[1:] + [absent[0]])
+
+
+def mutate(plan, g, kind: str):
+    """A copy of `plan` wrong in exactly one place, or None when the plan offers no such place."""
+    p = copy.deepcopy(plan)
+    layers = [lp.resolved(g) for lp in p.layers]
+    p.layers = layers
+    for i, lp in enumerate(layers):
+        if kind == "index_off":
+            for field, width in (("attn_in", g.hidden), ("mlp_in", g.hidden), ("mlp_out", g.hidden),
+                                 ("mlp_hidden", g.intermediate)):
+                kept = getattr(lp, field)
+                if 0 < len(kept) < width:
+                    off = next(k + 1 for k in kept if k + 1 < width and k + 1 not in kept)
+                    setattr(lp, field, sorted([k for k in kept if k != kept[0]] + [off]))
+                    return p
+        elif kind == "head_swapped":
+            for h in lp.heads:
+                group = [x for x in range(g.num_heads) if x // g.group_size == h // g.group_size]
+                swapped = _swap_one([h] + [x for x in lp.heads if x != h], group)
+                if swapped is not None:
+                    lp.heads = swapped
+                    return p
+        elif kind == "channel_of_another_layer":
+            for j, other in enumerate(layers):
+                foreign = [c for c in other.mlp_hidden if c not in lp.mlp_hidden]
+                if j != i and lp.mlp_hidden and foreign and len(lp.mlp_hidden) < g.intermediate:
+                    lp.mlp_hidden = sorted(lp.mlp_hidden[1:] + [foreign[0]])
+                    return p
+    return None
+
+
+def equivalence(model, plan, replaced, ids, slim_plan=None) -> parity.Check:
+    """run_parity's equivalence on CPU, with the slim model built from `slim_plan` when given."""
+    build = parity.build_slim_model
+    calls = []
+
+    def wrong_build(d, adapter, p, r=None):
+        calls.append(p)
+        return build(d, adapter, slim_plan if slim_plan is not None and len(calls) == 1 else p, r)
+
+    parity.build_slim_model = wrong_build
+    try:
+        checks = parity.run_parity(model, get_adapter(model.config), plan, replaced, ids, targets=[("cpu", torch.float64)])
+    finally:
+        parity.build_slim_model = build
+    return next(c for c in checks if c.name == "equivalence")
+
+
+def _check_all(model, plan, replaced, ids) -> None:
+    g = get_adapter(model.config).geometry()
+    ok = equivalence(model, plan, replaced, ids)
+    assert ok.passed, ok.line()
+    tried = 0
+    for kind in MUTATIONS:
+        wrong = mutate(plan, g, kind)
+        if wrong is None:
+            continue
+        tried += 1
+        c = equivalence(model, plan, replaced, ids, slim_plan=wrong)
+        assert not c.passed, f"{kind} not caught: {c.line()}"
+        assert c.max_abs_diff > 100 * c.tolerance, c.line()  # caught by a wide margin, not by luck
+    assert tried >= 2
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_mutated_plans_fail_equivalence_on_every_family(family):
+    model = tiny_model(family)
+    plan = odd_plan(get_adapter(model.config).geometry())
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    _check_all(model, plan, None, ids)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_mutated_plans_fail_equivalence_on_the_reference_model(method):
+    model, tok = load_model(), load_tokenizer()
+    calib = calibration_windows(token_stream(tok, load_text(CALIB_TEXT)), 64, 16)
+    result = prune(model, method, 0.5, calib)
+    _check_all(model, result.plan, result.replaced, calib)
