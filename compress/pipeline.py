@@ -16,12 +16,12 @@ from compress.adapters import get_adapter
 from compress.errors import CompressError
 from compress.methods import METHODS, PruneResult
 from compress.plan import model_identity
-from compress.slimming import slim_config, slim_model, slim_state_dict
-from exporters.hf_folder import REPLACED_FILE, staged_folder, weights_differ, write_model_files, write_weights
-from validation.parity import TOLERANCES, Check, raise_on_failure, run_parity
+from compress.slimming import slim_config, slim_state_dict
+from exporters.hf_folder import REPLACED_FILE, staged_folder, write_model_files, write_weights
+from validation.parity import TOLERANCES, check_files, raise_on_failure, run_parity
 from validation.report import build_report, write_report
 
-__all__ = ["prune", "export", "check_ratio", "check_folder"]
+__all__ = ["prune", "export", "check_ratio"]
 
 
 def check_ratio(ratio: float) -> float:
@@ -85,28 +85,9 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
         plan.save(folder / "plan.json")
         if replaced:
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
-        load = check_folder(folder, config, sd)
+        load = check_files(folder, model, adapter, plan, replaced, sd)
         print("  parity " + load.line())
         raise_on_failure([load])
         report["parity"].append(load.to_dict())
         write_report(folder, report)
     return report
-
-
-def check_folder(folder: str | Path, config, expected: dict[str, torch.Tensor]) -> Check:
-    """The folder holds exactly `expected`, and transformers (remote code) loads it into a model that
-    computes the same logits as `SlimForCausalLM(config)` around those tensors, in their dtype on CPU."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = expected["model.embed_tokens.weight"].dtype
-    name = str(dtype).removeprefix("torch.")
-    problem = weights_differ(Path(folder), expected)
-    if problem:
-        return Check("files", "cpu", name, float("inf"), TOLERANCES[name], False, problem)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
-    mem = slim_model(config, {k: v.cpu() for k, v in expected.items()})
-    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (loaded(input_ids=ids).logits.float() - mem(input_ids=ids).logits.float()).abs().max().item()
-    return Check("files", "cpu", name, diff, TOLERANCES[name], diff <= TOLERANCES[name],
-                 "folder loaded by transformers == in-memory slim")

@@ -1,4 +1,4 @@
-"""Slim model -> ONNX with explicit per-layer KV cache inputs/outputs, plus the ONNX parity check.
+"""Slim model -> ONNX with explicit per-layer KV cache inputs/outputs (its parity check: validation.parity).
 
 The graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key|value`
 and returns `logits` and `present.{i}.key|value` ([batch, kv_heads_i, past + seq, head_dim]), with
@@ -23,15 +23,12 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from onnxscript import opset18 as op
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
-from compress.slim.modeling_slim import CACHE_NAME
 
-__all__ = ["export_onnx", "check_onnx_parity", "kv_layers", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME"]
+__all__ = ["export_onnx", "kv_layers", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME"]
 
 CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion, runs on ORT >= 1.14
@@ -185,59 +182,4 @@ def _onnx_config(config, dtype: str, opset: int, layers: list[int]) -> dict:
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
-    }
-
-
-def check_onnx_parity(slim_model, runner, input_ids, steps: int = 32) -> dict:
-    """ONNX runner vs slim PyTorch: prefill and per-decode-step logits max |diff|, greedy tokens equal.
-
-    Decode steps feed both sides the same (PyTorch greedy) token, so the step diffs measure the
-    graph, not a diverged sequence. Returns numbers only; an exception becomes {"error": ...}.
-    """
-    ids = input_ids.cpu().numpy() if torch.is_tensor(input_ids) else np.asarray(input_ids)
-    try:
-        return _parity(slim_model, runner, ids, steps)
-    except Exception as e:  # noqa: BLE001 - the caller compares numbers to tolerances and reports
-        return {"error": f"{type(e).__name__}: {e}", "steps": steps}
-
-
-@torch.no_grad()
-def _parity(slim_model, runner, ids: np.ndarray, steps: int) -> dict:
-    ids = np.atleast_2d(ids).astype(np.int64)
-    device = next(slim_model.parameters()).device
-    t_ids = torch.from_numpy(ids).to(device)
-    mask = np.ones_like(ids)
-    cache = DynamicCache()  # a full cache: the slim mask handles any sliding window itself
-    diffs, argmax_equal, scale = [], True, 0.0
-    nxt, past = ids, None
-    for _ in range(steps + 1):  # prefill, then one token per step
-        ref = slim_model(input_ids=torch.from_numpy(nxt).to(device),
-                         attention_mask=torch.from_numpy(mask).to(device), past_key_values=cache)
-        logits, past = runner.forward(nxt, mask, past=past)
-        ref_logits = ref.logits.float().cpu().numpy()
-        diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits).max()))
-        scale = max(scale, float(np.abs(ref_logits).max()))
-        nxt = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        argmax_equal &= bool((logits[:, -1].argmax(-1) == nxt[:, 0]).all())
-        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    prefill, decode = diffs[0], diffs[1:]
-
-    torch_tokens = slim_model.generate(
-        t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, max_new_tokens=steps,
-        eos_token_id=None, pad_token_id=0, **{CACHE_NAME: DynamicCache()},
-    )[:, ids.shape[1]:].cpu().numpy()
-    onnx_tokens = runner.generate(ids, max_new_tokens=steps, eos_token_id=None).new_ids
-    n = min(torch_tokens.shape[1], onnx_tokens.shape[1])
-    differ = np.nonzero((torch_tokens[:, :n] != onnx_tokens[:, :n]).any(0))[0]
-    return {
-        "steps": steps,
-        "dtype": runner.dtype_name,
-        "provider": runner.provider,
-        "prefill_max_abs_diff": prefill,
-        "decode_max_abs_diff": decode,
-        "max_abs_diff": max([prefill, *decode]),
-        "reference_max_abs_logit": scale,  # float16 differs by ulps of this, for a relative tolerance
-        "step_argmax_equal": argmax_equal,
-        "greedy_tokens_equal": bool(torch_tokens.shape == onnx_tokens.shape and differ.size == 0),
-        "greedy_first_mismatch": int(differ[0]) if differ.size else None,
     }

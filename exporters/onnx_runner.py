@@ -229,4 +229,6 @@ def _load_tokenizer(tokenizer):
         return tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer))
+    # A slim folder's tokenizer needs no remote code; without this, transformers 5 would ask
+    # about the model code its config.json names.
+    return AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)

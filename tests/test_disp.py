@@ -181,3 +181,24 @@ def test_checkpointed_layers_give_the_same_mask_gradients():
     assert torch.allclose(with_ckpt, plain, atol=1e-6)
     assert "forward" not in vars(adapter.layers(model)[0])  # the wrapper is gone afterwards
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_default_steps_follow_model_size():
+    """The default fits a fixed compute budget: the reference model gets the 2,000-step cap, a
+    SmolLM2-135M-shaped model (30 layers, hidden 576) the documented ~730, and double the tokens
+    per step halves the steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.loading import load_model
+    from compress.methods.disp import default_steps
+
+    ref = load_model()
+    assert default_steps(ref, get_adapter(ref.config).geometry(), 4, 256) == 2000
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        smol = LlamaForCausalLM(config)
+    g = get_adapter(config).geometry()
+    steps = default_steps(smol, g, 4, 256)
+    assert 700 <= steps <= 760, steps
+    assert abs(default_steps(smol, g, 8, 256) - steps / 2) <= 1

@@ -16,14 +16,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
-from compress.slim.modeling_slim import CACHE_NAME
 
 from compress.adapters import get_adapter
 from compress.plan import LayerPlan, Plan
+from compress.slim.modeling_slim import CACHE_NAME
 from compress.slimming import build_slim_model
-from exporters.onnx_export import CONFIG_NAME, DATA_NAME, check_onnx_parity, export_onnx
+from exporters.onnx_export import CONFIG_NAME, DATA_NAME, export_onnx
 from exporters.onnx_runner import OnnxRunner
 from tiny import TINY_CONFIGS, VOCAB, tiny_model
+from validation.parity import compare_onnx
 
 TOL_FP32 = 1e-4
 TOL_FP16 = 1e-2
@@ -58,7 +59,7 @@ def exported(request, tmp_path_factory):
 
 def test_prefill_decode_and_greedy_match_slim(exported):
     slim, runner, _ = exported
-    r = check_onnx_parity(slim, runner, prompts(), steps=8)
+    r = compare_onnx(slim, runner, prompts(), steps=8)
     assert "error" not in r, r
     assert r["prefill_max_abs_diff"] <= TOL_FP32
     assert len(r["decode_max_abs_diff"]) == 8 and max(r["decode_max_abs_diff"]) <= TOL_FP32
@@ -144,6 +145,6 @@ def test_float16_export_runs_on_cpu(tmp_path):
     runner = OnnxRunner(tmp_path)
     assert runner.dtype == np.float16 and json.loads((tmp_path / CONFIG_NAME).read_text())["dtype"] == "float16"
     assert next(slim.parameters()).dtype == torch.float32  # the caller's model is left as it was
-    r = check_onnx_parity(slim, runner, prompts(), steps=4)
+    r = compare_onnx(slim, runner, prompts(), steps=4)
     assert "error" not in r, r
     assert r["max_abs_diff"] <= TOL_FP16

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.cli import main
-import os
-
 from compress.reference import MODEL_DIR
+from tiny import TINY_CONFIGS, tiny_model
 
 TOKENIZER_DIR = os.environ.get("TEST_TOKENIZER_DIR", MODEL_DIR)
-from tiny import TINY_CONFIGS, tiny_model
 
 FAST = ["--calib-samples", "8", "--seq-len", "32", "--eval-windows", "2"]
 
@@ -69,6 +66,22 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
     name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
     tensors[name] = tensors[name] + 1e-3
     save_file(tensors, shard, metadata={"format": "pt"})
+    assert main(["validate", str(bad), "--model", str(dense)]) == 2
+    assert "files" in capsys.readouterr().err
+
+
+def test_validate_catches_a_broken_modeling_file(exported, tmp_path, capsys):
+    """Same tensors, wrong code: the files check compares with the masked dense model, not with
+    a model the same code builds, so it fails."""
+    import shutil
+
+    dense, out = exported
+    bad = tmp_path / "bad-code"
+    shutil.copytree(out, bad)
+    code = (bad / "modeling_slim.py").read_text()
+    broken = code.replace("return x * cos + rotate_half(x) * sin", "return x * cos - rotate_half(x) * sin")
+    assert broken != code
+    (bad / "modeling_slim.py").write_text(broken)
     assert main(["validate", str(bad), "--model", str(dense)]) == 2
     assert "files" in capsys.readouterr().err
 

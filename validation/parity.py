@@ -3,6 +3,10 @@
 1. equivalence: slim logits == dense model with the plan applied as masks (and rewritten tensors);
 2. identity:    a keep-all slim model == the dense model;
 3. generation:  32 greedy tokens identical between slim and masked dense (KV cache on both);
+4. files:       the folder holds exactly the slim tensors, and the model transformers loads from
+                it (its own modeling file) == the masked dense model, dense weights rounded to
+                the export dtype, both in float64;
+5. onnx:        onnxruntime == slim PyTorch, prefill and every decode step (`onnx_checks`);
 run on CPU in float64 always and on CUDA in float16 and bfloat16 when a GPU is present.
 
 Why float64 on CPU: in float32 the slim model and the masked dense model differ by summation
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,7 +31,8 @@ from compress.masking import masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 
-__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "Check", "parity_batch", "run_parity", "raise_on_failure", "parity_targets"]
+__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "Check", "parity_batch", "run_parity",
+           "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
 # only; float32 (the folder check, same tensors through the same code) differs by summation
@@ -37,7 +43,9 @@ TOLERANCES = {
     "float16": 2e-2,
     "bfloat16": 1.5e-1,
 }
-# ONNX (onnxruntime) vs slim PyTorch logits, prefill and every decode step.
+# ONNX (onnxruntime) vs the float64 slim model, prefill and every decode step: at least these,
+# and NOISE_FACTOR times PyTorch's own error at the same dtype (which grows with depth).
+NOISE_FACTOR = 4
 ONNX_TOLERANCES = {
     "float32": 1e-4,
     "float16": 1e-2,
@@ -137,6 +145,133 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
         keep_all = build_slim_model(d, adapter, Plan.keep_all(g))
         checks.append(_check("identity", device, dname, _max_diff(_logits(d, x, m), _logits(keep_all, x, m), m)))
     return checks
+
+
+def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replaced: dict | None,
+                expected: dict[str, torch.Tensor]) -> Check:
+    """The folder holds exactly `expected` (tensor by tensor), and the model transformers builds from
+    it with the folder's own modeling file computes what the dense model masked by the plan computes.
+
+    Both run in float64 on CPU; the dense weights are first rounded to the export dtype, so a
+    float16 export is held to the same exact standard as a float32 one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from exporters.hf_folder import weights_differ
+
+    dtype = expected["model.embed_tokens.weight"].dtype
+    name = str(dtype).removeprefix("torch.")
+    problem = weights_differ(Path(folder), expected)
+    if problem:
+        return Check("files", "cpu", name, float("inf"), TOLERANCES["float64"], False, problem)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float64).eval()
+    ref = copy.deepcopy(dense).to("cpu", dtype).to(torch.float64)
+    rounded = {k: v.to("cpu", dtype).to(torch.float64) for k, v in (replaced or {}).items()}
+    ids, mask = parity_batch(torch.randint(0, dense.config.vocab_size, (3, 32),
+                                           generator=torch.Generator().manual_seed(1)))
+    with replaced_weights(ref, rounded), masked(ref, adapter, plan_masks(plan, adapter.geometry())):
+        want = _logits(ref, ids, mask)
+    diff = _max_diff(want, _logits(loaded, ids, mask), mask)
+    tol = TOLERANCES["float64"]
+    return Check("files", "cpu", name, diff, tol, diff <= tol,
+                 "folder loaded by transformers == masked dense (weights in the export dtype), float64")
+
+
+def onnx_checks(slim, onnx_path: str | Path, dtype: str, ids: torch.Tensor) -> list[Check]:
+    """ONNX (onnxruntime) vs slim PyTorch on every available execution provider.
+
+    Both are held against the slim model in float64: onnxruntime may differ from it by at most
+    NOISE_FACTOR times PyTorch's own rounding error at this dtype and depth (a floor from
+    ONNX_TOLERANCES), since two correct float32 programs that sum in different orders differ
+    by about that much. Greedy tokens must be identical in float32 and are reported in float16.
+    On CUDA, TF32 is turned off in onnxruntime, as it is in PyTorch by default: like with like.
+    """
+    from exporters.onnx_runner import OnnxRunner, default_providers
+
+    checks = []
+    for provider in default_providers():
+        cuda = provider == "CUDAExecutionProvider"
+        if cuda and not torch.cuda.is_available():
+            continue
+        device = "cuda" if cuda else "cpu"
+        runner = OnnxRunner(onnx_path, providers=[(provider, {"use_tf32": "0"}) if cuda else provider])
+        r = compare_onnx(slim.to(device, getattr(torch, dtype)), runner, ids.to(device))
+        floor = ONNX_TOLERANCES[dtype]
+        if "error" in r:
+            checks.append(Check("onnx", device, dtype, float("inf"), floor, False, r["error"]))
+            continue
+        tol = max(floor, NOISE_FACTOR * r["torch_float64_error"])
+        same = r["greedy_tokens_equal"]
+        checks.append(Check(
+            "onnx", device, dtype, r["float64_error"], tol, r["float64_error"] <= tol and (same or dtype != "float32"),
+            f"vs float64: PyTorch {dtype} {r['torch_float64_error']:.1e}; vs PyTorch {dtype}: prefill "
+            f"{r['prefill_max_abs_diff']:.1e}, decode max {max(r['decode_max_abs_diff']):.1e}; "
+            f"{GENERATION_TOKENS} greedy tokens {'identical' if same else 'DIFFER'}"))
+    slim.to("cpu", torch.float32)
+    return checks
+
+
+def compare_onnx(slim, runner, input_ids, steps: int = GENERATION_TOKENS) -> dict:
+    """Run onnxruntime, the slim model and its float64 copy in lockstep: prefill, then one token per
+    step, every side fed the same (PyTorch greedy) token so the diffs measure the graph, not a
+    diverged sequence; then greedy generation on both. Numbers only; an exception becomes {"error": ...}.
+    """
+    import numpy as np
+
+    ids = input_ids.cpu().numpy() if torch.is_tensor(input_ids) else np.asarray(input_ids)
+    try:
+        return _lockstep(slim, runner, np.atleast_2d(ids).astype(np.int64), steps)
+    except Exception as e:  # noqa: BLE001 - the caller compares numbers to tolerances and reports
+        return {"error": f"{type(e).__name__}: {e}", "steps": steps}
+
+
+@torch.no_grad()
+def _lockstep(slim, runner, ids, steps: int) -> dict:
+    import numpy as np
+    from transformers.cache_utils import DynamicCache
+
+    from compress.slim.modeling_slim import CACHE_NAME
+
+    device = next(slim.parameters()).device
+    exact = copy.deepcopy(slim).to("cpu", torch.float64)
+    mask = np.ones_like(ids)
+    caches = (DynamicCache(), DynamicCache())  # full caches: the slim mask handles any sliding window itself
+    diffs, onnx_err, torch_err, argmax_equal = [], [], [], True
+    nxt, past = ids, None
+    for _ in range(steps + 1):  # prefill, then one token per step
+        x, m = torch.from_numpy(nxt), torch.from_numpy(mask)
+        ref = slim(input_ids=x.to(device), attention_mask=m.to(device), cache=caches[0]).logits.double().cpu().numpy()
+        ref64 = exact(input_ids=x, attention_mask=m, cache=caches[1]).logits.numpy()
+        logits, past = runner.forward(nxt, mask, past=past)
+        logits = logits.astype(np.float64)
+        diffs.append(float(np.abs(logits - ref).max()))
+        onnx_err.append(float(np.abs(logits - ref64).max()))
+        torch_err.append(float(np.abs(ref - ref64).max()))
+        nxt = ref[:, -1].argmax(-1)[:, None].astype(np.int64)
+        argmax_equal &= bool((logits[:, -1].argmax(-1) == nxt[:, 0]).all())
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+    del exact
+
+    t_ids = torch.from_numpy(ids).to(device)
+    torch_tokens = slim.generate(t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, max_new_tokens=steps,
+                                 eos_token_id=None, pad_token_id=0, **{CACHE_NAME: DynamicCache()},
+                                 )[:, ids.shape[1]:].cpu().numpy()
+    onnx_tokens = runner.generate(ids, max_new_tokens=steps, eos_token_id=None).new_ids
+    n = min(torch_tokens.shape[1], onnx_tokens.shape[1])
+    differ = np.nonzero((torch_tokens[:, :n] != onnx_tokens[:, :n]).any(0))[0]
+    return {
+        "steps": steps,
+        "dtype": runner.dtype_name,
+        "provider": runner.provider,
+        "prefill_max_abs_diff": diffs[0],  # onnxruntime vs PyTorch at the same dtype
+        "decode_max_abs_diff": diffs[1:],
+        "max_abs_diff": max(diffs),
+        "float64_error": max(onnx_err),  # onnxruntime vs the float64 slim model
+        "torch_float64_error": max(torch_err),  # PyTorch at this dtype vs float64: its rounding error
+        "step_argmax_equal": argmax_equal,
+        "greedy_tokens_equal": bool(torch_tokens.shape == onnx_tokens.shape and differ.size == 0),
+        "greedy_first_mismatch": int(differ[0]) if differ.size else None,
+    }
 
 
 def raise_on_failure(checks: list[Check]) -> None:

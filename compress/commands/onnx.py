@@ -23,32 +23,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
 
 
-def onnx_parity(slim, onnx_path: Path, dtype: str, ids: torch.Tensor) -> list:
-    """ONNX vs slim PyTorch on every available provider; tolerances from validation.parity."""
-    from exporters.onnx_export import check_onnx_parity
-    from exporters.onnx_runner import OnnxRunner, default_providers
-    from validation.parity import GENERATION_TOKENS, ONNX_TOLERANCES, Check
-
-    checks = []
-    for provider in default_providers():
-        device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            continue
-        runner = OnnxRunner(onnx_path, providers=[provider])
-        r = check_onnx_parity(slim.to(device, getattr(torch, dtype)), runner, ids.to(device), steps=GENERATION_TOKENS)
-        tol = ONNX_TOLERANCES[dtype]
-        if "error" in r:
-            checks.append(Check("onnx", device, dtype, float("inf"), tol, False, r["error"]))
-            continue
-        diff = r["max_abs_diff"]
-        checks.append(Check("onnx", device, dtype, diff, tol, diff <= tol and r["greedy_tokens_equal"],
-                            f"prefill {r['prefill_max_abs_diff']:.1e}, decode steps max "
-                            f"{max(r['decode_max_abs_diff']):.1e}, {GENERATION_TOKENS} greedy tokens "
-                            f"{'identical' if r['greedy_tokens_equal'] else 'DIFFER'}"))
-    slim.to("cpu", torch.float32)
-    return checks
-
-
 def onnx_dir(folder: Path, dtype: str) -> Path:
     return folder / ("onnx" if dtype == "float32" else f"onnx-{dtype}")
 
@@ -62,7 +36,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     from compress.loading import load_tokenizer
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
-    from validation.parity import raise_on_failure
+    from validation.parity import onnx_checks, raise_on_failure
 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
@@ -71,7 +45,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
     with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:
         export_onnx(slim, staging, dtype=dtype)
-        checks = onnx_parity(slim, staging, dtype, ids)
+        checks = onnx_checks(slim, staging, dtype, ids)
         for c in checks:
             print("  parity " + c.line())
         raise_on_failure(checks)

@@ -38,12 +38,11 @@ def load_export(folder: Path) -> tuple[dict, Plan, dict]:
 def run(args: argparse.Namespace) -> int:
     from compress.adapters import get_adapter
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from compress.pipeline import check_folder
     from compress.plan import model_identity
     from compress.reference import CALIB_TEXT
-    from compress.slimming import slim_config, slim_state_dict
+    from compress.slimming import slim_state_dict
     from compress.textdata import load_text, token_stream, windows
-    from validation.parity import raise_on_failure, run_parity
+    from validation.parity import check_files, raise_on_failure, run_parity
 
     folder = args.folder.resolve()
     report, plan, replaced = load_export(folder)
@@ -56,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
     expected = {k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
-    config = slim_config(model, adapter, plan, replaced)
-    files = check_folder(folder, config, expected)
+    files = check_files(folder, model, adapter, plan, replaced, expected)
     del expected
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)

@@ -16,15 +16,17 @@ Departures from the reference code, each for a reason:
 - gradient checkpointing wraps each decoder layer in `torch.utils.checkpoint` (CUDA only)
   instead of `gradient_checkpointing_enable()`, which needs train mode and with it dropout.
 
-Default steps: 2,000 of batch 4 x 256 tokens with lr 1e-3 (2M tokens, 22 passes over the 358
-windows of the shipped calibration slice). On the reference model a step takes about 0.25 s on
-two CPU cores, so the default `compress export --method disp --ratio 0.5` stays under ten
-minutes there (7 min 49 s measured). Fewer steps leave masks undecided (after 600 steps a third
-of all logits sit within 1 of the threshold) and cost quality: held-out perplexity at ratio 0.5
-(dense 76.89, FLAP 82.52) was 84.56 after 600 steps on 128 calibration windows, 83.99 on all
-358, 83.56 after 1,200 steps on 128 and 81.54 after 2,000 steps on all 358. The reference used
-10,000 steps of 2,048 tokens on a 7B model; on a GPU, raise `--steps`. On a CPU shared with
-other jobs, OMP_NUM_THREADS=1 can be several times faster than two threads contending for one core.
+Default steps: as many batches of 4 x 256 tokens (lr 1e-3) as fit a compute budget of about
+one hour of the device, so the default adapts to the model's size: training costs about
+6 x P x tokens FLOPs (forward and backward through the frozen model; P = decoder linear weights
+plus the LM head). The budget is 6e14 FLOPs on CPU (an hour on two 2026 server cores at about
+170 GFLOP/s) and 1e18 on CUDA (the paper's 10,000 steps of 2,048 tokens on a 7B model is
+8.6e17), with at most 2,000 steps on CPU and 10,000 on CUDA. That gives 2,000 steps on the
+shipped reference model (about 8 minutes on two cores) and 730 on SmolLM2-135M (about an hour).
+`--steps N` overrides it. Fewer steps leave masks undecided and cost quality: on the reference
+model at ratio 0.5 (dense 76.89, FLAP 82.52), 600 steps gave 84.56 and 2,000 gave 81.54.
+On a CPU shared with other jobs, OMP_NUM_THREADS=1 can be several times faster than two threads
+contending for one core.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from compress.methods.base import Method, PruneResult, register
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
 
-__all__ = ["DISP", "structures", "select", "build_plan"]
+__all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
 
 KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 GROUPS = "kv_groups"  # one mask per KV group: its query heads and its k/v rows
@@ -97,12 +99,14 @@ def _checkpointed(layers):
 class DISP(Method):
     name = "disp"
     needs_calibration = True
-    defaults = {"steps": 2000, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False}
+    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False}
 
     @classmethod
     def add_arguments(cls, group) -> None:
         d = cls.defaults
-        group.add_argument("--steps", type=int, default=d["steps"], help="DISP: hypernetwork training steps")
+        group.add_argument("--steps", type=int, default=d["steps"],
+                           help="DISP: hypernetwork training steps (default: what fits about an hour of the "
+                                "device for this model's size, at most 2,000 on CPU and 10,000 on CUDA)")
         group.add_argument("--lr", type=float, default=d["lr"], help="DISP: AdamW learning rate of the hypernetwork")
         group.add_argument("--lambda", dest="lam", type=float, default=d["lam"],
                            help="DISP: weight of the parameter-budget regulariser")
@@ -116,14 +120,17 @@ class DISP(Method):
             raise ValueError("disp needs calibration token ids of shape [n_samples, seq_len >= 2]")
         g = adapter.geometry()
         kinds = structures(g, self.settings["prune_heads"])
+        steps = self.settings["steps"] or default_steps(model, g, self.settings["batch_size"], calib.shape[1])
         gen = torch.Generator().manual_seed(seed)
         hyper = HyperNetwork([w for _ in range(g.num_layers) for _, w in kinds], gen)
-        self._train(model, adapter, hyper, kinds, ratio, calib, gen)
+        self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps)
         with torch.no_grad():
             logits = [t.detach().double().cpu() + OFFSET for t in hyper()]
-        return PruneResult(build_plan(g, select(g, _by_layer(logits, kinds), ratio)))
+        plan = build_plan(g, select(g, _by_layer(logits, kinds), ratio))
+        plan.settings = {"steps": steps}  # the resolved default, for the record
+        return PruneResult(plan)
 
-    def _train(self, model, adapter, hyper, kinds, ratio, calib, gen) -> None:
+    def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int) -> None:
         s, g = self.settings, adapter.geometry()
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
@@ -133,7 +140,7 @@ class DISP(Method):
         target = (1.0 - ratio) * total
         batches = _batches(calib, s["batch_size"], gen)
         ckpt = _checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
-        bar = tqdm(range(s["steps"]), desc="disp", unit="step", dynamic_ncols=True)
+        bar = tqdm(range(steps), desc="disp", unit="step", dynamic_ncols=True)
         with _frozen(model), ckpt:
             for _ in bar:
                 x = next(batches).to(device)
@@ -153,6 +160,21 @@ class DISP(Method):
                 opt.step()
                 bar.set_postfix(lm=f"{lm.item():.3f}", kept=f"{kept.item() / total:.3f}")
         hyper.eval()
+
+
+# (FLOPs, most steps) of the default training budget per device type; see the module docstring.
+BUDGETS = {"cpu": (6e14, 2000), "cuda": (1e18, 10000)}
+
+
+def default_steps(model, g: Geometry, batch_size: int, seq_len: int) -> int:
+    """Steps of `batch_size` x `seq_len` tokens that fit the device's budget for this model's size."""
+    flops, most = BUDGETS.get(next(model.parameters()).device.type, BUDGETS["cpu"])
+    lm_head = model.get_output_embeddings().weight.numel()
+    per_step = 6 * (g.num_layers * linear_params(g) + lm_head) * batch_size * seq_len
+    steps = max(1, min(most, int(flops // per_step)))
+    print(f"disp: {steps} steps of {batch_size} x {seq_len} tokens "
+          f"({'the most' if steps == most else 'a budget of ' + format(flops, '.0e') + ' FLOPs'}; --steps to change)")
+    return steps
 
 
 def _by_layer(flat: list[torch.Tensor], kinds) -> list[dict[str, torch.Tensor]]:
