@@ -1,72 +1,121 @@
-"""Push an exported folder to the Hugging Face Hub with a model card built from its report.
+"""Push an exported folder to the Hugging Face Hub: one commit, with a model card from its report.
 
-The token is passed to huggingface_hub and never printed or logged.
+Everything goes up in one `create_commit` (upload_folder may split a folder into several commits
+when hf_xet is installed), so a push that fails lands nothing and running it again is the retry;
+files already on the Hub with the same content are skipped by huggingface_hub. Large files take
+huggingface_hub's own LFS/Xet path. The card is added from memory: the folder is only read.
+The token comes from $HF_TOKEN or `hf auth login`; it goes to huggingface_hub only and is cut out
+of any error message.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from compress.errors import CompressError
+from exporters.model_card import base_model_id, model_card
 
-__all__ = ["model_card", "push_folder"]
+__all__ = ["push_folder"]
 
-
-def model_card(report: dict, repo: str) -> str:
-    """README.md for the Hub: what was removed, how it was checked, how to load it."""
-    from validation.report import summary_lines
-
-    base = report.get("base_model", "unknown")
-    hub_base = f"base_model: {base}\n" if "/" in base and not Path(base).is_absolute() else ""
-    parity = "\n".join(f"| {c['name']} | {c['device']} | {c['dtype']} | {c['max_abs_diff']:.2e} | "
-                       f"{c['tolerance']:.0e} | {'pass' if c['passed'] else 'FAIL'} |" for c in report.get("parity", []))
-    return f"""---
-library_name: transformers
-tags: [pruning, structured-pruning, {report.get('method', 'compress')}]
-{hub_base}---
-
-# {repo}
-
-Structurally pruned from `{base}` with `compress` (method `{report.get('method')}`).
-
-{chr(10).join('- ' + line for line in summary_lines(report))}
-
-## Load
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-```
-
-Each layer reads and writes its own subset of the residual stream (index-select / index-add);
-the modeling code ships in this repository (`modeling_slim.py`).
-
-## Parity against the dense model
-
-| check | device | dtype | max abs diff | tolerance | result |
-|---|---|---|---|---|---|
-{parity}
-"""
+log = logging.getLogger(__name__)
+DEFAULT_MESSAGE = "Upload slim model from compress"
 
 
-def push_folder(folder: Path, repo: str, private: bool = False, token: str | None = None,
-                message: str = "Upload slim model from compress") -> str:
-    """Create the repo if needed, write README.md (unless one exists) and upload; returns the commit URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+def _is_onnx(path_in_repo: str) -> bool:
+    top = path_in_repo.split("/")[0]
+    return "/" in path_in_repo and (top == "onnx" or top.startswith("onnx-"))  # DIR/onnx, DIR/onnx-float16
+
+
+def _upload_files(folder: Path) -> dict[str, Path]:
+    """Path in the repo -> local file, for every file of the folder (hidden files and caches left out)."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                       for part in p.relative_to(folder).parts)}
+
+
+def _base_card(base: str, api) -> dict:
+    """The dense model's card metadata (for its licence): from the Hub for a Hub id, else from the
+    README.md of the local folder (or beside the GGUF file) it was loaded from. {} when unknown."""
+    from huggingface_hub.repocard import metadata_load
+
+    hub_id = base_model_id(base)
+    if hub_id and not Path(base).is_absolute():
+        try:
+            card = api.model_info(hub_id).card_data
+        except Exception as e:  # the licence is optional: the card then says it is not known
+            log.warning(f"licence of {hub_id} not read ({type(e).__name__}); the card does not name one")
+            return {}
+        return card.to_dict() if card else {}
+    if base == "reference":
+        from compress.reference import MODEL_DIR
+
+        path = MODEL_DIR
+    else:
+        path = Path(base) if Path(base).is_dir() else Path(base).parent
+    readme = path / "README.md"
+    return (metadata_load(readme) or {}) if readme.is_file() else {}
+
+
+def _one_line(e: Exception, token: str) -> str:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        status = e.response.status_code
+        text = f"HTTP {status}" + (f": {e.server_message}" if e.server_message else "")
+        if status in (401, 403):
+            text += " (is $HF_TOKEN, or the `hf auth login` token, valid with write access to this namespace?)"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split()).replace(token, "***")
+
+
+def require_token() -> str:
+    """The Hub token from $HF_TOKEN or the huggingface_hub login; checked before long work starts."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise CompressError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def push_folder(folder: Path, repo: str, private: bool = False, revision: str | None = None,
+                include_onnx: bool = False, message: str = DEFAULT_MESSAGE) -> str:
+    """Create `repo` if needed (and the branch `revision`), then commit the folder and its card in
+    one commit; returns the commit URL. ONNX folders go up only with include_onnx."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder).resolve()
-    if not (folder / "report.json").is_file():
-        raise CompressError(f"{folder}: no report.json; not a folder written by `compress export`")
-    card = folder / "README.md"
-    if not card.exists():
-        card.write_text(model_card(json.loads((folder / "report.json").read_text()), repo))
+    if not (folder / "report.json").is_file() or not (folder / "config.json").is_file():
+        raise CompressError(f"{folder}: no report.json/config.json; not a folder written by `compress export`")
+    files = _upload_files(folder)
+    onnx_dirs = tuple(sorted({p.split("/")[0] for p in files if _is_onnx(p)}))
+    if include_onnx and not onnx_dirs:
+        raise CompressError(f"{folder} has no ONNX model: run `compress onnx {folder}` first, or push without "
+                            "--include-onnx")
+    if not include_onnx:
+        files = {p: f for p, f in files.items() if not _is_onnx(p)}
+        if onnx_dirs:
+            log.warning(f"not uploading {', '.join(d + '/' for d in onnx_dirs)} (add --include-onnx to push it)")
+            onnx_dirs = ()
+    token = require_token()
     api = HfApi(token=token)
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+    if "README.md" in files:
+        log.warning(f"using {folder / 'README.md'} as the model card")
+    else:
+        report = json.loads((folder / "report.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        card = model_card(report, config, repo, _base_card(str(report.get("base_model", "reference")), api),
+                          onnx_dirs, revision)
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     try:
-        api.create_repo(repo, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message=message)
-    except (HfHubHTTPError, LocalTokenNotFoundError, OSError) as e:
-        raise CompressError(f"push to {repo} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return getattr(info, "commit_url", repo)
+        api.create_repo(repo, private=private or None, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.create_commit(repo, operations, commit_message=message, revision=revision)
+    except Exception as e:  # HTTP errors, dropped connections, offline mode: one line, the token cut out
+        raise CompressError(f"push to {repo} failed: {_one_line(e, token)}") from None
+    return info.commit_url

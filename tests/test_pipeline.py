@@ -165,12 +165,3 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-
-def test_push_offline_fails_in_one_line_without_leaking_the_token(exported, capsys):
-    _, out = exported
-    secret = "hf_" + "x" * 34
-    assert main(["push", str(out), "--repo", "someone/slim", "--token", secret]) == 2
-    captured = capsys.readouterr()
-    assert "push to someone/slim failed" in captured.err and secret not in captured.err + captured.out
-    card = (out / "README.md").read_text()
-    assert "trust_remote_code=True" in card and "| equivalence | cpu | float32 |" in card

@@ -165,7 +165,10 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     if problem:
         return Check("files", "cpu", name, float("inf"), TOLERANCES["float64"], False, problem)
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float64).eval()
-    ref = copy.deepcopy(dense).to("cpu", dtype).to(torch.float64)
+    ref = copy.deepcopy(dense).to("cpu", torch.float64)
+    with torch.no_grad():
+        for p in ref.parameters():  # weights only: buffers such as rotary frequencies stay exact
+            p.copy_(p.to(dtype).to(torch.float64))
     rounded = {k: v.to("cpu", dtype).to(torch.float64) for k, v in (replaced or {}).items()}
     ids, mask = parity_batch(torch.randint(0, dense.config.vocab_size, (3, 32),
                                            generator=torch.Generator().manual_seed(1)))

@@ -42,6 +42,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="held-out windows for the report's perplexity/KL (0 to skip)")
     p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                   help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
     for name in sorted(METHODS):
         cls = METHODS[name]
         group = p.add_argument_group(f"{name} options")
@@ -61,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    if args.push_to_hub:  # fail now, not after minutes of pruning
+        from exporters.hub import require_token
+
+        require_token()
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     t0 = time.perf_counter()
     model = load_model(args.model, device=device)
@@ -87,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(report):
         print(line)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    if args.push_to_hub:
+        from exporters.hub import push_folder
+
+        print(f"pushed {out} to {push_folder(out, args.push_to_hub, include_onnx=args.onnx)}")
     return 0
 
 

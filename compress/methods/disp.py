@@ -134,6 +134,7 @@ class DISP(Method):
         s, g = self.settings, adapter.geometry()
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
+        self.trace = []  # (loss, lm loss, kept fraction) per step: how training went
         hyper.to(device).train()
         opt = torch.optim.AdamW(hyper.parameters(), lr=s["lr"], weight_decay=0.05)
         total = g.num_layers * linear_params(g)
@@ -158,6 +159,7 @@ class DISP(Method):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                self.trace.append((loss.item(), lm.item(), kept.item() / total))
                 bar.set_postfix(lm=f"{lm.item():.3f}", kept=f"{kept.item() / total:.3f}")
         hyper.eval()
 

@@ -1,0 +1,189 @@
+"""The Hub model card (README.md) of an exported folder, built only from what the export recorded.
+
+A pure function of report.json, config.json and what the caller knows about the dense model,
+so the same folder always gives the same bytes: a retried push then finds nothing changed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePath
+
+import yaml
+
+__all__ = ["model_card", "base_model_id"]
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+CACHE_REPO = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")  # huggingface_hub cache: models--ORG--NAME/snapshots/SHA
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+TEST_TEXT_NOTE = ("the held-out test slice shipped with compress (`compress/reference/data/test.txt`: Python 3.11 "
+                  "documentation, other documents than its calibration slice)")
+
+
+def base_model_id(base: str) -> str | None:
+    """The dense model's Hub id when it can be named honestly: the id it was loaded by, or the
+    repository of a local path inside the huggingface_hub cache. None for anything else."""
+    path = PurePath(base)
+    if path.is_absolute():
+        for part, nxt in zip(path.parts, path.parts[1:]):
+            m = CACHE_REPO.match(part)
+            if m and nxt == "snapshots":
+                return f"{m[1]}/{m[2]}"
+        return None
+    return base if base != "reference" and HUB_ID.match(base) else None
+
+
+def model_card(report: dict, config: dict, repo: str, base_card: dict | None = None, onnx_dirs: tuple[str, ...] = (),
+               revision: str | None = None) -> str:
+    """README.md for `repo`. `base_card`: the dense model's card metadata when known (its licence
+    is carried over); `onnx_dirs`: the ONNX folders uploaded beside the weights."""
+    base = str(report.get("base_model", "reference"))
+    base_id = base_model_id(base)
+    meta = {}
+    if base_id:
+        meta.update(base_model=base_id, base_model_relation="pruned")
+    meta.update(library_name="transformers", pipeline_tag="text-generation")
+    meta.update({k: v for k, v in (base_card or {}).items() if k in ("license", "license_name", "license_link") and v})
+    meta["tags"] = ["compress", "pruned", "structured-pruning", report["method"]]
+    sections = [
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---",
+        f"# {repo.split('/')[-1]}",
+        _intro(report, base, base_id, meta),
+        _size(report, config),
+        _layers(report),
+        _quality(report),
+        _parity(report, onnx_dirs),
+        _speed(report),
+        _use(repo, revision, onnx_dirs),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _intro(report: dict, base: str, base_id: str | None, meta: dict) -> str:
+    if base_id:
+        origin = f"[`{base_id}`](https://huggingface.co/{base_id})"
+    elif base == "reference":
+        origin = ("the small reference model shipped with compress (not on the Hub, so no `base_model` is "
+                  "declared)")
+    else:
+        kind = "GGUF file" if base.lower().endswith(".gguf") else "folder"
+        origin = (f"a local {kind} (`{PurePath(base).name}`) whose Hub origin was not recorded, so no "
+                  f"`base_model` is declared")
+    settings = ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items())
+    licence = (f"Licence: `{meta['license']}`, carried over from the dense model's card." if "license" in meta
+               else "Licence: not known; the dense model's terms apply.")
+    return (f"Structurally pruned from {origin} with `compress`, method `{report['method']}` (seed "
+            f"{report.get('seed')}; {settings}). Whole attention heads and MLP channels are removed, so the weights "
+            f"are smaller and every layer is narrower; nothing is masked at run time.\n\n{licence}")
+
+
+def _size(report: dict, config: dict) -> str:
+    r, p = report["ratio"], report["params"]
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    rows = [("all parameters", p["total_before"], p["total_after"], r["achieved_total"]),
+            ("decoder-layer linear weights", p["linear_before"], p["linear_after"], r["achieved_linear"])]
+    slim_bytes = report.get("files", {}).get("slim_weight_bytes")
+    if slim_bytes and dtype in ITEMSIZE:
+        dense_bytes = p["total_before"] * ITEMSIZE[dtype]
+        rows.append((f"weight bytes ({dtype})", dense_bytes, slim_bytes, 1 - slim_bytes / dense_bytes))
+    table = ["| | dense | pruned | removed |", "|---|---:|---:|---:|"]
+    table += [f"| {name} | {a:,} | {b:,} | {100 * frac:.1f}% |" for name, a, b, frac in rows]
+    return ("## Size\n\n" + f"Requested ratio {r['requested']} (of the decoder-layer linear weights).\n\n"
+            + "\n".join(table)
+            + "\n\nDense bytes are its parameter count at the same dtype; pruned bytes are the safetensors on "
+              "disk, index buffers included.")
+
+
+def _layers(report: dict) -> str:
+    b = report["base"]
+    hidden = b["hidden"]
+    keys = ["heads", "kv_heads", "mlp_hidden"]
+    residual = [k for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")
+                if any(lay[k] != hidden for lay in report["layers"])]
+    runs: list[list] = []  # [first, last, widths] for runs of identical consecutive layers
+    for i, lay in enumerate(report["layers"]):
+        widths = [lay[k] for k in keys + residual]
+        if runs and runs[-1][2] == widths:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, widths])
+    head = ["layers", "heads", "kv heads", "mlp hidden", *[k.replace("_", " ") for k in residual]]
+    table = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head),
+             "| dense | " + " | ".join(str(v) for v in [b["num_heads"], b["num_kv_heads"], b["intermediate"]]
+                                       + [hidden] * len(residual)) + " |"]
+    table += [f"| {a if a == z else f'{a}-{z}'} | " + " | ".join(map(str, w)) + " |" for a, z, w in runs]
+    note = ("Every layer reads and writes all {} residual dimensions." if not residual else
+            "attn/mlp in/out: residual dimensions each sublayer reads and writes (of {}).").format(hidden)
+    return "## Layer widths\n\n" + "\n".join(table) + "\n\n" + note
+
+
+def _quality(report: dict) -> str:
+    q = report.get("quality") or {}
+    if not q:
+        return "## Quality against the dense model\n\nNot measured (exported with `--eval-windows 0`)."
+    return (f"## Quality against the dense model\n\nOn {q['windows']} windows of {q['seq_len']} tokens of "
+            f"{TEST_TEXT_NOTE}.\n\n"
+            "| | dense | pruned |\n|---|---:|---:|\n"
+            f"| perplexity | {q['dense_ppl']:.2f} | {q['slim_ppl']:.2f} |\n"
+            f"| KL(dense ‖ pruned), nats/token | – | {q['kl']:.4f} |\n"
+            f"| top-1 agreement with dense | – | {q['agreement']:.3f} |")
+
+
+def _parity(report: dict, onnx_dirs: tuple[str, ...]) -> str:
+    checks = list(report.get("parity", []))
+    for dtype, rows in report.get("onnx", {}).items():
+        if ("onnx" if dtype == "float32" else f"onnx-{dtype}") in onnx_dirs:
+            checks += rows
+    rows = [f"| {c['name']} | {c['device']} | {c['dtype']} | {c['max_abs_diff']:.2e} | {c['tolerance']:.0e} | "
+            f"{'pass' if c['passed'] else 'FAIL'} | {c.get('detail', '').replace('|', '/')} |" for c in checks]
+    return ("## Parity with the dense model\n\nThe pruned model was checked against the dense model with the same "
+            "heads and channels masked out: they must compute the same function.\n\n"
+            "| check | device | dtype | max abs diff | tolerance | result | detail |\n|---|---|---|---:|---:|---|---|\n"
+            + "\n".join(rows))
+
+
+def _speed(report: dict) -> str:
+    """`report["speed"]`, when a benchmark was recorded: {"setup": str, "rows": [validation.bench.Speed as dict]}."""
+    speed = report.get("speed")
+    if not speed:
+        return ""
+    from validation.bench import Speed, format_table
+
+    return f"## Speed\n\n{speed['setup']}\n\n" + format_table([Speed(**row) for row in speed["rows"]])
+
+
+def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...]) -> str:
+    rev = f', revision="{revision}"' if revision else ""
+    text = f"""## Use with transformers
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}"{rev}, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}"{rev}, trust_remote_code=False)
+inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))
+```
+
+`trust_remote_code=True` runs `modeling_slim.py` from this repository (per-layer widths, index
+buffers for the residual channels each layer reads and writes); read it, and pin `revision=` to a
+commit you have read. Works with transformers 4.57 and 5.x. The tokenizer needs no remote code."""
+    for d in onnx_dirs:
+        text += f"""
+
+## Use with onnxruntime (`{d}/`)
+
+```python
+# pip install 'compress-llm[cpu]'   (or 'compress-llm[gpu]' for onnxruntime-gpu; never both)
+from huggingface_hub import snapshot_download
+from exporters.onnx_runner import OnnxRunner
+
+path = snapshot_download("{repo}"{rev}, allow_patterns=["{d}/*", "tokenizer*"])
+runner = OnnxRunner(f"{{path}}/{d}", tokenizer=path)  # CUDA provider when onnxruntime-gpu has it, else CPU
+print(runner.generate("def fibonacci(n):", max_new_tokens=32).text[0])
+```
+
+The graph takes `input_ids`, `attention_mask`, `position_ids` and a KV cache with its own head
+count per layer (`{d}/onnx_config.json`); `OnnxRunner.forward` runs one step, `generate` does
+greedy or sampled decoding. No torch needed."""
+    return text
