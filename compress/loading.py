@@ -102,10 +102,14 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     Never runs remote code: a slim folder's tokenizer needs none, and transformers 5 would
     otherwise ask about the model code its config.json names.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source, kw = _source(name_or_path)
+    cfg = Path(source) / "tokenizer_config.json"
+    named = json.loads(cfg.read_text()).get("tokenizer_class") if not kw and cfg.is_file() else None
+    # Our exports name this class; loading it directly skips transformers 5's look at config.json.
+    cls = PreTrainedTokenizerFast if named == "PreTrainedTokenizerFast" else AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kw)
+        return cls.from_pretrained(source, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
         raise CompressError(f"cannot load tokenizer from {name_or_path or source}: {_first_line(e)}") from None

@@ -1,0 +1,126 @@
+"""Týr's local pruning: remove input structures of o_proj / down_proj with OBS updates.
+
+For a consumer linear W [out, in] reading X, removing the input columns P while minimising
+||X W^T - X W'^T||^2 is a quadratic problem in H = X^T X: the optimal change of the kept
+columns is the OBS update W -= W_P [H^-1]_PP^-1 [H^-1]_P:, at a cost (saliency)
+tr(W_P [H^-1]_PP^-1 W_P^T). Applying it structure by structure, lowest saliency first, and
+updating H^-1 the same way leaves the kept columns at exactly the least-squares refit
+W_K = W H_:K H_KK^-1 (with the damped H), so no separate refit is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.adapters import Geometry
+from compress.calibration import run_calibration
+
+__all__ = ["Pools", "attention_pools", "mlp_pools", "input_hessian", "damped_inverse", "progressive_obs",
+           "DAMPING"]
+
+DAMPING = 0.01  # of the mean diagonal of H, as the paper
+
+
+@dataclass
+class Pools:
+    """A sublayer's removable structures. One removal *unit* takes the lowest-saliency block of
+    every pool: one pool of KV groups ("group") or of MLP channels, or one pool per KV group of
+    its heads ("head": groups stay equal). A block lists items (heads or channels), each `width`
+    input columns wide."""
+
+    pools: list[list[list[int]]]
+    width: int
+
+    @property
+    def units(self) -> int:
+        return len(self.pools[0])
+
+
+def attention_pools(g: Geometry, granularity: str) -> Pools:
+    groups = [list(range(k * g.group_size, (k + 1) * g.group_size)) for k in range(g.num_kv_heads)]
+    if granularity == "group" or g.group_size == 1:
+        return Pools([groups], g.head_dim)
+    return Pools([[[h] for h in grp] for grp in groups], g.head_dim)
+
+
+def mlp_pools(g: Geometry) -> Pools:
+    return Pools([[[j] for j in range(g.intermediate)]], 1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def input_hessian(model, adapter, module: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """X^T X (float64) of what `module` reads over the calibration tokens. The forward stops at
+    `module`, so layer l costs only the layers up to l."""
+    h = torch.zeros(module.in_features, module.in_features, dtype=torch.float64, device=module.weight.device)
+
+    def hook(mod, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        h.add_((x.T @ x).double())  # float32 products, float64 sums
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    decoder = adapter.decoder(model)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                run_calibration(decoder, calib[i:i + batch_size], batch_size, progress=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return h
+
+
+def damped_inverse(h: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    lam = damping * h.diagonal().mean().clamp_min(1e-12)
+    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(hd))
+
+
+def _columns(blocks: list[list[int]], width: int, device) -> torch.Tensor:
+    items = torch.tensor(blocks, dtype=torch.long, device=device)  # [n_blocks, items]
+    return (items[..., None] * width + torch.arange(width, device=device)).reshape(len(blocks), -1)
+
+
+def progressive_obs(w: torch.Tensor, hinv: torch.Tensor, pools: Pools, counts, steps: int = 128
+                    ) -> tuple[dict[int, torch.Tensor], list[list[int]]]:
+    """Remove units lowest OBS saliency first, with the OBS update after each step.
+
+    Returns ({count: W (float64) after removing that many units, removed columns zero},
+    items of each removed unit in removal order). A step removes at most units/`steps` units
+    (at least one), so large MLPs are pruned in small steps, and never skips a count asked for.
+    """
+    w, hinv = w.double().clone(), hinv.clone()
+    left = [list(p) for p in pools.pools]
+    per_step = max(1, pools.units // steps)
+    snapshots, order = {}, []
+    if 0 in counts:
+        snapshots[0] = w.clone()
+    for target in sorted(set(counts) - {0}):
+        while len(order) < target:
+            k = min(per_step, target - len(order))
+            picks = []  # per pool: the k lowest-saliency blocks
+            for pool in left:
+                cols = _columns(pool, pools.width, w.device)  # [n_blocks, b]
+                m = hinv[cols[:, :, None], cols[:, None, :]]  # [n_blocks, b, b]
+                wp = w[:, cols].permute(1, 2, 0)  # [n_blocks, b, out]
+                sal = (wp * torch.linalg.solve(m, wp)).sum((1, 2))
+                picks.append(torch.sort(sal, stable=True).indices[:k].tolist())
+            units = [[item for pool, p in zip(left, picks) for item in pool[p[j]]] for j in range(k)]
+            p = _columns([[i] for u in units for i in u], pools.width, w.device).reshape(-1)
+            sol = torch.linalg.solve(hinv[p][:, p], hinv[p])  # [|P|, in]
+            w -= w[:, p] @ sol
+            hinv -= hinv[:, p] @ sol
+            w[:, p] = 0.0
+            for pool, pk in zip(left, picks):
+                for j in sorted(pk, reverse=True):
+                    pool.pop(j)
+            order.extend(units)
+        snapshots[target] = w.clone()
+    return snapshots, order
