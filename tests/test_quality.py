@@ -154,3 +154,38 @@ def test_kl_between_different_models_is_positive_and_matches_ppl():
     pa = perplexity(a, ids, seq_len=32, batch_size=4, stride=16, progress=False)
     assert res.perplexity == pytest.approx(pa.perplexity, rel=1e-5)
     assert json.loads(json.dumps(res.to_dict()))["kl"] == pytest.approx(res.kl)
+
+
+class Bigram(torch.nn.Module):
+    """A 'model' whose next-token logits depend on the current token only: table[token]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_kl_and_agreement_match_a_direct_computation():
+    """Hand-made case: the figures equal KL and argmax agreement computed position by position."""
+    g = torch.Generator().manual_seed(3)
+    ref_table, model_table = torch.randn(V, V, generator=g) * 3, torch.randn(V, V, generator=g) * 3
+    ids = random_ids(n=161, seed=4)
+    res = compare(Bigram(model_table), Bigram(ref_table), ids, seq_len=32, batch_size=2, progress=False)
+    kl = agree = nll = 0.0
+    count = 0
+    for w in range(len(ids) // 32):
+        x = ids[w * 32:(w + 1) * 32]
+        for t in range(31):  # positions 0..30 predict tokens 1..31 of the window
+            p = torch.softmax(ref_table[x[t]].double(), -1)
+            q = torch.softmax(model_table[x[t]].double(), -1)
+            kl += float((p * (p.log() - q.log())).sum())
+            agree += int(ref_table[x[t]].argmax() == model_table[x[t]].argmax())
+            nll -= float(q[x[t + 1]].log())
+            count += 1
+    assert res.tokens == count == 5 * 31
+    assert res.kl == pytest.approx(kl / count, rel=1e-5)
+    assert res.top1_agreement == pytest.approx(agree / count)
+    assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert 0 < res.top1_agreement < 1  # the case exercises both outcomes
