@@ -63,19 +63,8 @@ def mutate(plan, g, kind: str):
 
 
 def equivalence(model, plan, replaced, ids, slim_plan=None) -> parity.Check:
-    """run_parity's equivalence on CPU, with the slim model built from `slim_plan` when given."""
-    build = parity.build_slim_model
-    calls = []
-
-    def wrong_build(d, adapter, p, r=None):
-        calls.append(p)
-        return build(d, adapter, slim_plan if slim_plan is not None and len(calls) == 1 else p, r)
-
-    parity.build_slim_model = wrong_build
-    try:
-        checks = parity.run_parity(model, get_adapter(model.config), plan, replaced, ids, targets=[("cpu", torch.float64)])
-    finally:
-        parity.build_slim_model = build
+    checks = parity.run_parity(model, get_adapter(model.config), plan, replaced, ids,
+                               targets=[("cpu", torch.float64)], slim_plan=slim_plan)
     return next(c for c in checks if c.name == "equivalence")
 
 

@@ -117,8 +117,11 @@ def _check(name, device, dtype, diff, detail="", passed=None) -> Check:
 
 
 def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,
-               targets=None) -> list[Check]:
+               targets=None, slim_plan: Plan | None = None) -> list[Check]:
     """All checks for one plan, each target's slim model built from the dense one at that dtype.
+
+    `slim_plan` builds the slim model from another plan than the reference uses: how tests and
+    benchmarks show that a wrong slim model fails the checks.
 
     `dense` stays where it is; a copy is moved for each other target. That the files on disk
     hold exactly these tensors is `check_files`' job.
@@ -130,7 +133,7 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
         dname = str(dtype).removeprefix("torch.")
         w = next(dense.parameters())
         d = dense if (w.device.type, w.dtype) == (device, dtype) else copy.deepcopy(dense).to(device, dtype)
-        s = build_slim_model(d, adapter, plan, replaced)
+        s = build_slim_model(d, adapter, slim_plan or plan, replaced)
         x, m = ids.to(device), mask.to(device)
         with replaced_weights(d, replaced), masked(d, adapter, plan_masks(plan, g)):
             ref = _logits(d, x, m)
