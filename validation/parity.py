@@ -2,7 +2,8 @@
 
 1. equivalence: slim logits == dense model with the plan applied as masks (and rewritten tensors);
 2. identity:    a keep-all slim model == the dense model;
-3. generation:  32 greedy tokens identical between slim and masked dense (KV cache on both);
+3. generation:  32 greedy tokens identical between slim and masked dense (KV cache on both;
+                required in float64, reported in half precision);
 4. files:       the folder holds exactly the slim tensors, and the model transformers loads from
                 it (its own modeling file) == the masked dense model, dense weights rounded to
                 the export dtype, both in float64;
@@ -143,8 +144,12 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
         tokens = _greedy(s, x[:1], m[:1], GENERATION_TOKENS)
         del s  # one slim model alive at a time: the keep-all one below is dense-sized
         same = int((tokens == ref_tokens).all(-1).sum())
+        # Required where the arithmetic is exact in meaning (float64); in half precision a near-tie
+        # may flip a token on a correct model, so identity is reported there, not required.
+        identical = bool(torch.equal(tokens, ref_tokens))
         checks.append(_check("generation", device, dname, 0.0, f"{same}/1 greedy runs of {GENERATION_TOKENS} "
-                             "tokens identical", passed=bool(torch.equal(tokens, ref_tokens))))
+                             f"tokens identical{'' if dtype == torch.float64 else ' (reported, not required)'}",
+                             passed=identical or dtype != torch.float64))
         keep_all = build_slim_model(d, adapter, Plan.keep_all(g))
         checks.append(_check("identity", device, dname, _max_diff(_logits(d, x, m), _logits(keep_all, x, m), m)))
     return checks
