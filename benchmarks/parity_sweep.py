@@ -25,7 +25,7 @@ from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
-from quality import RESULTS, parse_variant, replace_section  # noqa: E402
+from quality import RESULTS, invocation, parse_variant, publish  # noqa: E402
 from validation import parity  # noqa: E402
 
 
@@ -71,22 +71,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {wrong.max_abs_diff:.1e} ({'caught' if not wrong.passed else 'MISSED'}) "
                         f"| {time.perf_counter() - t0:.0f} |")
             print(rows[-1], flush=True)
-    section = "\n".join([
+    publish(args.results, args.section, [
         f"## Parity sweep on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
         "",
         f"{g.num_layers} layers, hidden {g.hidden}. Every method and ratio: the export's checks on CPU in float64 "
         f"(tolerance {parity.TOLERANCES['float64']:.0e}; generation = 32 greedy tokens of slim == masked dense), then "
         "the slim model built from the same plan with one MLP channel of the last layer one index off, which "
         "equivalence must fail. Calibration "
-        f"{len(calib)} x 256 tokens. Produced by `python benchmarks/parity_sweep.py"
-        f"{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`.",
+        f"{len(calib)} x 256 tokens. Produced by {invocation('parity_sweep.py', argv)}.",
         "",
         "| method | ratio | equivalence max diff | identity max diff | 32 tokens identical | checks | one index off: max diff | s |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ])
-    replace_section(args.results, section, args.section)
-    print("\n" + section)
     return 0
 
 

@@ -58,6 +58,18 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, settings
 
 
+def invocation(script: str, argv: list[str] | None) -> str:
+    """The command line that produced a section, for its text."""
+    return f"`python benchmarks/{script}{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`"
+
+
+def publish(path: Path, name: str, lines: list[str]) -> None:
+    """Write the section `name` of the results file and print it."""
+    section = "\n".join(lines)
+    replace_section(path, section, name)
+    print("\n" + section)
+
+
 def replace_section(path: Path, section: str, name: str) -> None:
     """Replace the text between this section's markers (appended the first time)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {q.top1_agreement:.3f} | {seconds:.1f} | {note} |")
             print(rows[-1], flush=True)
 
-    section = "\n".join([
+    publish(args.results, args.section, [
         f"## Quality on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
         "",
         f"Model: {'the shipped reference' if args.model == MODEL_DIR else args.model} ({model.config.model_type}, "
@@ -135,14 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         f"float32, seed {args.seed}. Ratio = fraction of decoder-layer linear weights removed (requested / "
         "achieved). KL = mean KL(dense || pruned) per token, nats; top-1 = argmax agreement with the dense "
         "model. Widths = kept heads / MLP channels per layer. Produced by "
-        f"`python benchmarks/quality.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`.",
+        f"{invocation('quality.py', argv)}.",
         "",
         "| method | ratio | removed | perplexity | KL | top-1 | prune s | widths |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ])
-    replace_section(args.results, section, args.section)
-    print("\n" + section)
     return 0
 
 
