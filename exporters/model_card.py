@@ -143,13 +143,14 @@ def _parity(report: dict, onnx_dirs: tuple[str, ...]) -> str:
 
 
 def _speed(report: dict) -> str:
-    """`report["speed"]`, when a benchmark was recorded: {"setup": str, "rows": [validation.bench.Speed as dict]}."""
+    """`report["speed"]`, recorded by `compress bench --slim DIR`: setup line, Speed rows, bandwidth, batch."""
     speed = report.get("speed")
     if not speed:
         return ""
     from validation.bench import Speed, format_table
 
-    return f"## Speed\n\n{speed['setup']}\n\n" + format_table([Speed(**row) for row in speed["rows"]])
+    table = format_table([Speed(**row) for row in speed["rows"]], speed["bandwidth"], speed["batch"])
+    return f"## Speed\n\n{speed['setup']}\n\n{table}"
 
 
 def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...]) -> str:

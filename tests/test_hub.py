@@ -372,9 +372,9 @@ def test_base_model_is_named_only_when_known_and_speed_is_shown_when_recorded(ex
     report["base_model"] = "/data/models/private-llama.gguf"
     report["speed"] = {"setup": "tiny on CPU, float32, batch 1", "rows": [
         {"engine": "pytorch", "model": m, "prefill_tok_s": p, "decode_tok_s": d, "bytes_per_token": b}
-        for m, p, d, b in [("dense", 1000.0, 50.0, 4000), ("slim", 1500.0, 80.0, 2000)]]}
+        for m, p, d, b in [("dense", 1000.0, 50.0, 4000), ("slim", 1500.0, 80.0, 2000)]], "bandwidth": 1e6, "batch": 1}
     card = model_card(report, config, REPO)
     assert "base_model" not in _front_matter(card) and "license" not in _front_matter(card)
     assert "a local GGUF file (`private-llama.gguf`)" in card and "/data/models" not in card
-    assert "## Speed" in card and "| pytorch | slim | 1,500 | 80.0 | 1.50x | 1.60x | 2.00x | 80% |" in card
+    assert "## Speed" in card and "| pytorch | slim | 1,500 | 80.0 | 1.50x | 1.60x | 2.00x | 80% | 16% |" in card
     assert card == model_card(report, config, REPO)  # deterministic: a re-push of the same folder is a no-op

@@ -2,7 +2,9 @@
 
 Decode is memory-bound: each new token reads every weight once plus the KV cache so far, so
 the ideal decode speedup of slim over dense is the ratio of those bytes. We print it beside
-the measured speedup to show how much of the possible gain the runtime delivers.
+the measured speedup to show how much of the possible gain the runtime delivers, and the
+bytes actually moved per second as a share of the machine's measured read bandwidth (the
+roofline: no engine can decode faster than bandwidth / bytes per step).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from transformers import DynamicCache
 
 from compress.slim.modeling_slim import CACHE_NAME
 
-__all__ = ["Speed", "bytes_per_token", "torch_speed", "onnx_speed", "format_table"]
+__all__ = ["Speed", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES", "torch_speed", "onnx_speed",
+           "format_table"]
+
+# Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
+PLAN_SHAPES = {
+    "uniform": "the same query heads per KV group and MLP channels in every layer (magnitude, wanda-sp)",
+    "disp": "every sublayer reads and writes its own residual subset, MLP channels pruned (DISP)",
+    "disp-heads": "disp plus whole KV groups removed (DISP --prune-heads)",
+}
 
 
 @dataclass
@@ -29,13 +39,25 @@ class Speed:
     bytes_per_token: int
 
 
-def bytes_per_token(slim, batch: int, context: int) -> int:
-    """Weight bytes (read once per step, shared by the batch) plus KV-cache bytes read per step."""
-    c = slim.config
-    weights = sum(p.numel() * p.element_size() for p in slim.parameters())
-    elem = next(slim.parameters()).element_size()
-    kv = sum(2 * n * c.head_dim * context * elem * batch for n in c.layer_kv_heads)
+def bytes_per_token(model, batch: int, context: int) -> int:
+    """Weight bytes (read once per step, shared by the batch) plus KV-cache bytes read per step.
+
+    Works for slim models (per-layer KV heads) and stock transformers models alike.
+    """
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    elem = next(model.parameters()).element_size()
+    kv_heads = getattr(c, "layer_kv_heads", None) or [c.num_key_value_heads] * c.num_hidden_layers
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = sum(2 * n * head_dim * context * elem * batch for n in kv_heads)
     return weights + kv
+
+
+@torch.inference_mode()
+def read_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of the fastest of a few full reads of a buffer larger than any cache (a sum)."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    return x.numel() * 4 / min(_times(lambda: x.sum(), device, repeats))
 
 
 def _sync(device):
@@ -43,7 +65,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device, repeats: int) -> float:
+def _times(fn, device, repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -52,7 +74,11 @@ def _median_time(fn, device, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, device, repeats: int) -> float:
+    return statistics.median(_times(fn, device, repeats))
 
 
 @torch.inference_mode()
@@ -89,19 +115,54 @@ def onnx_speed(runner, slim, name: str, batch: int, prompt: int, new_tokens: int
                  bytes_per_token(slim, batch, prompt + new_tokens // 2))
 
 
-def format_table(rows: list[Speed]) -> str:
-    """Markdown table; speedups are slim over the dense row of the same engine."""
+def random_plan(g, shape: str, ratio: float, seed: int = 0):
+    """A plan of `shape` (see PLAN_SHAPES) removing `ratio` of the linear weights, indices drawn at random."""
+    import random
+
+    from compress.plan import LayerPlan, Plan
+
+    def build(f: float) -> Plan:
+        rng = random.Random(seed)
+
+        def pick(n: int) -> list[int]:
+            return sorted(rng.sample(range(n), max(1, round(f * n))))
+
+        layers = []
+        for _ in range(g.num_layers):
+            lp = LayerPlan(mlp_hidden=pick(g.intermediate))
+            if shape == "uniform":
+                per = max(1, round(f * g.group_size))
+                lp.heads = [k * g.group_size + h for k in range(g.num_kv_heads) for h in range(per)]
+            else:
+                lp.attn_in, lp.attn_out, lp.mlp_in, lp.mlp_out = (pick(g.hidden) for _ in range(4))
+                if shape == "disp-heads":
+                    lp.kv_heads = pick(g.num_kv_heads)
+                    lp.heads = [k * g.group_size + h for k in lp.kv_heads for h in range(g.group_size)]
+            layers.append(lp)
+        return Plan(layers=layers)
+
+    lo, hi = 0.0, 1.0  # the kept fraction per structure, by bisection on the achieved ratio
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if build(mid).ratio(g) < ratio else (mid, hi)
+    return build(hi)
+
+
+def format_table(rows: list[Speed], bandwidth: float, batch: int) -> str:
+    """Markdown table; speedups are over the dense row of the same engine; roofline = bytes moved
+    per second in decode as a share of `bandwidth` (bytes/s)."""
     dense = {r.engine: r for r in rows if r.model == "dense"}
     out = ["| engine | model | prefill tok/s | decode tok/s | prefill speedup | decode speedup | ideal decode "
-           "speedup (bytes) | % of ideal |", "|---|---|---|---|---|---|---|---|"]
+           "speedup (bytes) | % of ideal | % of roofline |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        roof = f"{100 * r.bytes_per_token * r.decode_tok_s / batch / bandwidth:.0f}%"
         d = dense.get(r.engine)
         if d is None or r is d:
             out.append(f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | 1.00x | 1.00x "
-                       f"| 1.00x | - |")
+                       f"| 1.00x | - | {roof} |")
             continue
         pre, dec, ideal = r.prefill_tok_s / d.prefill_tok_s, r.decode_tok_s / d.decode_tok_s, \
             d.bytes_per_token / r.bytes_per_token
         out.append(f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | {pre:.2f}x | "
-                   f"{dec:.2f}x | {ideal:.2f}x | {100 * dec / ideal:.0f}% |")
+                   f"{dec:.2f}x | {ideal:.2f}x | {100 * dec / ideal:.0f}% | {roof} |")
     return "\n".join(out)

@@ -1,10 +1,14 @@
-"""Prefill and decode speed: dense vs slim, PyTorch vs onnxruntime, measured side by side.
+"""Prefill and decode speed, measured side by side in one run: the stock transformers model, our
+dense (keep-all slim) and slim models in PyTorch, and their ONNX graphs in onnxruntime.
 
-Slim models come from exported folders (--slim) or are pruned on the fly (--ratio, with
---method; magnitude needs no calibration). --shape llama2-7b builds a model of LLaMA-2-7B
-shape with random weights (speed does not depend on the values); --layers shortens it to fit
-smaller machines. The ideal decode speedup (from weight + KV-cache bytes read per token) is
-printed beside the measured one.
+Slim models come from exported folders (--slim; their report.json then records the figures,
+which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
+or are drawn at random in a method's shape (--ratio with --random-plan: uniform, disp,
+disp-heads), which is what a random-weight --shape model wants (speed does not depend on the
+values). --shape llama2-7b builds a model of LLaMA-2-7B shape; --layers shortens it to fit
+smaller machines. Beside each measured decode speedup: the ideal one (from weight + KV-cache
+bytes read per token), and the share of the machine's measured read bandwidth that decode
+achieves (the roofline). Every engine runs at torch's thread count (--threads).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slim", type=Path, nargs="*", default=[], help="exported slim folders to compare")
     p.add_argument("--ratio", type=float, nargs="*", default=[], help="prune on the fly at these ratios")
     p.add_argument("--method", default="magnitude", help="method for --ratio")
+    p.add_argument("--random-plan", default=None, choices=["uniform", "disp", "disp-heads"],
+                   help="with --ratio: draw plans of this shape at random instead of running --method")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto")
@@ -64,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from compress.pipeline import prune
     from compress.plan import Plan
     from compress.slimming import build_slim_model
-    from validation.bench import format_table, torch_speed
+    from validation.bench import format_table, random_plan, read_bandwidth, torch_speed
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     dense, name = _dense(args, device, dtype)
@@ -82,22 +91,44 @@ def run(args: argparse.Namespace) -> int:
             from compress.textdata import load_text, token_stream, windows
 
             calib = windows(token_stream(load_tokenizer(args.model), load_text(CALIB_TEXT)), 256, 32).to(device)
+        if args.random_plan:
+            g = adapter.geometry()
+            slims[f"random {args.random_plan}@{ratio}"] = build_slim_model(dense, adapter, random_plan(g, args.random_plan, ratio))
+            continue
         result = prune(dense, args.method, ratio, calib)
         slims[f"{args.method}@{ratio}"] = build_slim_model(dense, adapter, result.plan, result.replaced)
 
     shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
-    rows = [torch_speed(m, label, **shape) for label, m in slims.items()]
+    rows = [torch_speed(dense, "stock transformers", **shape)]
+    rows += [torch_speed(m, label, **shape) for label, m in slims.items()]
     if args.onnx:
         rows += _onnx_rows(slims, dtype, shape)
+    bandwidth = read_bandwidth(device)
     title = (f"{name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
-             f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")
-    table = format_table(rows)
+             f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, "
+             f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    table = format_table(rows, bandwidth, args.batch)
     print(title)
     print(table)
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(f"\n{title}\n\n{table}\n")
+    for folder in args.slim:
+        _record(folder, title, [r for r in rows if r.model in ("dense", "stock transformers", folder.name)],
+                bandwidth, args.batch)
     return 0
+
+
+def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) -> None:
+    """Keep the figures in the folder's report.json, for the model card."""
+    import json
+    from dataclasses import asdict
+
+    path = folder / "report.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        report["speed"] = {"setup": setup, "rows": [asdict(r) for r in rows], "bandwidth": bandwidth, "batch": batch}
+        path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:

@@ -1,0 +1,60 @@
+"""`compress bench`: plans drawn in each method's shape, byte accounting, and a full run (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from compress.adapters import get_adapter
+from compress.cli import main
+from compress.loading import load_model
+from compress.plan import Plan
+from compress.slimming import build_slim_model
+from validation.bench import PLAN_SHAPES, bytes_per_token, random_plan
+
+
+@pytest.mark.parametrize("shape", sorted(PLAN_SHAPES))
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_random_plans_have_their_shape_and_ratio(shape, ratio):
+    g = get_adapter(LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=16,
+                                num_key_value_heads=8)).geometry()
+    plan = random_plan(g, shape, ratio)
+    plan.check(g)
+    assert abs(plan.ratio(g) - ratio) < 0.02
+    layers = [lp.resolved(g) for lp in plan.layers]
+    residual_subsets = any(len(lp.attn_in) < g.hidden or len(lp.mlp_out) < g.hidden for lp in layers)
+    assert residual_subsets == (shape != "uniform")
+    assert any(len(lp.kv_heads) < g.num_kv_heads for lp in layers) == (shape == "disp-heads")
+    if shape == "uniform":
+        assert len({len(lp.heads) for lp in layers}) == 1 and len({len(lp.mlp_hidden) for lp in layers}) == 1
+
+
+def test_bytes_per_token_of_stock_model_equals_keep_all_slim():
+    """Two independent models of the same weights: the stock one and our keep-all slim one."""
+    model = load_model()
+    adapter = get_adapter(model.config)
+    keep_all = build_slim_model(model, adapter, Plan.keep_all(adapter.geometry()))
+    assert bytes_per_token(model, 2, 100) == bytes_per_token(keep_all, 2, 100)
+    g = adapter.geometry()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert bytes_per_token(model, 2, 100) == weights + 2 * 2 * g.num_kv_heads * g.head_dim * 100 * 4 * g.num_layers
+
+
+def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
+    out = tmp_path / "slim"
+    assert main(["export", "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--eval-windows", "0"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "--prompt", "16",
+                 "--new-tokens", "4", "--repeats", "1", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "read bandwidth" in printed and "1 threads" in printed
+    for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
+                "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider) | random disp@0.5 |"):
+        assert row in printed, row
+    speed = json.loads((out / "report.json").read_text())["speed"]
+    assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}
+    assert speed["bandwidth"] > 1e8 and speed["batch"] == 1
+    torch.set_num_threads(torch.get_num_threads())
