@@ -3,17 +3,18 @@
 1. Local pruning (`tyr_obs`): each attention / MLP sublayer loses o_proj / down_proj input
    structures (heads, as `select`'s GQA granularity, or MLP channels) lowest OBS saliency
    first, the kept columns refitted by the OBS updates (= least squares on H = X^T X).
-2. Supernet: every sublayer pruned at 2*levels+1 sparsities around its centre, built layer by
+2. Supernet: every sublayer pruned at 2*levels+1 sparsities around its centre (those in
+   [0, 100%]: a sublayer may be kept whole or removed), built layer by
    layer with expectation error accumulation: the next layer reads the output of the
    density-weighted mean of the variants' weights (o_proj / down_proj are linear, so this is
    the density-weighted mean of the variants' outputs).
 3. Search: elitist evolution. Offspring apply k = min(U(1,4), U(1,4)) shifts, each making one
    sublayer a level denser and another of the same type a level sparser (levels are whole
    units of the same size, so the removed parameters stay put). Fitness is KL(dense || pruned)
-   on calibration windows, multi-fidelity: all offspring on few windows, the best quarter on
-   more, the best sixteenth and the parent on the most. Coarse to fine: each iteration halves
-   the level step (12.5% of a sublayer, then 6.25%, ...) around the best assignment and
-   rebuilds the supernet from the dense weights.
+   on the last calibration windows, multi-fidelity: all offspring on few windows, the best
+   quarter on more, the best sixteenth (and the parent, scored once) on the most. Coarse to
+   fine: each iteration halves the level step (12.5% of a sublayer's units, then 6.25%, ...)
+   around the best assignment and rebuilds the supernet from the dense weights.
 4. The best assignment is pruned once more sequentially (each layer's Hessian from the
    already-pruned layers below it), and its o_proj / down_proj go into `replaced`.
 
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from compress.adapters import Adapter, Geometry
 from compress.masking import replaced_weights
 from compress.methods.base import PruneResult, register
-from compress.methods.select import CalibratedMethod, add_option, check_ratio, resolve_granularity
+from compress.methods.select import CalibratedMethod, check_ratio, resolve_granularity
 from compress.methods.tyr_obs import (Pools, attention_pools, damped_inverse, input_hessian, mlp_pools,
                                       progressive_obs)
 from compress.plan import LayerPlan, Plan, linear_params
@@ -85,15 +86,21 @@ class _Space:
         """Shift MLP widths so the total removed is the target to within one channel."""
         counts = list(counts)
         need = round((ratio * self.total - self.removed(counts)) / self.channel)
-        mlps = list(range(1, len(counts), 2))
         while need:
-            movable = [i for i in mlps if 0 <= counts[i] + (1 if need > 0 else -1) <= self.units(i)]
+            sign = 1 if need > 0 else -1
+            movable = [i for i in range(1, len(counts), 2) if 0 <= counts[i] + sign <= self.units(i)]
             if not movable:
                 break
             for i in movable[:abs(need)]:
-                counts[i] += 1 if need > 0 else -1
-                need += -1 if need > 0 else 1
+                counts[i] += sign
+                need -= sign
         return counts
+
+    @property
+    def slack(self) -> int:
+        """What an attention sublayer's last unit costs beyond a normal one: its k/v ("head"
+        granularity), which a budget-preserving shift cannot balance."""
+        return self.attn_cost[-1] - self.attn_cost[-2] - self.attn_cost[1]
 
     def layer_plans(self, orders: list[list[list[int]]], counts: list[int]) -> list[LayerPlan]:
         g, plans = self.g, []
@@ -125,7 +132,7 @@ class Tyr(CalibratedMethod):
         super().add_arguments(group)
         d = cls.defaults
         group.add_argument("--levels", type=int, default=d["levels"],
-                           help="tyr: supernet levels on each side of a sublayer's centre sparsity (paper 4: 9 variants)")
+                           help="tyr: supernet levels each side of a sublayer's centre sparsity (4: 9 variants)")
         group.add_argument("--iterations", type=int, default=d["iterations"],
                            help="tyr: coarse-to-fine supernets, the level step halved each time from 12.5%%")
         group.add_argument("--generations", type=int, default=d["generations"],
@@ -149,17 +156,15 @@ class Tyr(CalibratedMethod):
         hess = calib[:s["hessian_windows"]]
         fid = [min(n, calib.shape[0]) for n in s["fidelity_windows"]]
         windows = calib[calib.shape[0] - max(fid):]
-        with torch.inference_mode():
-            dense = torch.log_softmax(model(input_ids=windows, use_cache=False).logits.float(), -1)
+        dense = self._logprobs(model, windows)
         rng = random.Random(seed)
         counts = space.uniform(ratio)
         budget = space.removed(counts)
-        slack = space.attn_cost[-1] - space.attn_cost[-2] - (space.attn_cost[1] - space.attn_cost[0])
         self.trace = []  # per iteration: (fitness of the best, removed parameters of every offspring scored)
         for it in range(s["iterations"]):
             steps = [max(1, round(FIRST_STEP / 2 ** it * space.units(t))) for t in (0, 1)]
             variants = self._supernet(model, adapter, space, hess, counts, steps)
-            counts, best, scored = self._search(model, space, variants, counts, steps, budget, slack, windows,
+            counts, best, scored = self._search(model, space, variants, counts, steps, budget, windows,
                                                 dense, fid, rng, f"tyr {it + 1}/{s['iterations']}")
             self.trace.append((best, scored))
         counts = space.repair(counts, ratio)
@@ -167,6 +172,12 @@ class Tyr(CalibratedMethod):
         plan = Plan(layers=space.layer_plans(orders, counts), method=self.name,
                     settings={**s, "head_granularity": granularity}, seed=seed)
         return PruneResult(plan, weights)
+
+    def _logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
+        b = self.settings["calib_batch_size"]
+        with torch.inference_mode():
+            return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + b], use_cache=False).logits.float(), -1)
+                              for i in range(0, ids.shape[0], b)])
 
     def _supernet(self, model, adapter, space: _Space, hess, centres, steps) -> list[dict[int, torch.Tensor]]:
         """Per sublayer {count removed: weight}, built with expectation error accumulation."""
@@ -183,13 +194,13 @@ class Tyr(CalibratedMethod):
             variants.append({c: w.to(mod.weight.dtype) for c, w in ws.items()})
         return variants
 
-    def _search(self, model, space: _Space, variants, counts, steps, budget, slack, windows, dense, fid, rng, desc):
+    def _search(self, model, space: _Space, variants, counts, steps, budget, windows, dense, fid, rng, desc):
         s = self.settings
 
         def fitness(c, n):
             repl = {name: variants[i][c[i]] for i, name in enumerate(space.names)}
-            with replaced_weights(model, repl), torch.inference_mode():
-                logp = torch.log_softmax(model(input_ids=windows[:n], use_cache=False).logits.float(), -1)
+            with replaced_weights(model, repl):
+                logp = self._logprobs(model, windows[:n])
             ref = dense[:n]
             return float((ref.exp() * (ref - logp)).sum(-1).mean())
 
@@ -205,7 +216,7 @@ class Tyr(CalibratedMethod):
                         a, b = rng.choice(pairs)
                         child[a] -= steps[t]
                         child[b] += steps[t]
-                if child != parent and abs(space.removed(child) - budget) <= slack:
+                if child != parent and abs(space.removed(child) - budget) <= space.slack:
                     return child
             return None
 

@@ -96,7 +96,8 @@ def progressive_obs(w: torch.Tensor, hinv: torch.Tensor, pools: Pools, counts, s
     items of each removed unit in removal order). A step removes at most units/`steps` units
     (at least one), so large MLPs are pruned in small steps, and never skips a count asked for.
     """
-    w, hinv = w.double().clone(), hinv.clone()
+    w, hinv = w.detach().double().clone(), hinv.clone()
+    gone = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
     left = [list(p) for p in pools.pools]
     per_step = max(1, pools.units // steps)
     snapshots, order = {}, []
@@ -117,7 +118,8 @@ def progressive_obs(w: torch.Tensor, hinv: torch.Tensor, pools: Pools, counts, s
             sol = torch.linalg.solve(hinv[p][:, p], hinv[p])  # [|P|, in]
             w -= w[:, p] @ sol
             hinv -= hinv[:, p] @ sol
-            w[:, p] = 0.0
+            gone[p] = True
+            w[:, gone] = 0.0  # exactly, not just to rounding
             for pool, pk in zip(left, picks):
                 for j in sorted(pk, reverse=True):
                     pool.pop(j)
