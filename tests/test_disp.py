@@ -56,8 +56,8 @@ def test_registered_with_cli_options():
     parser = argparse.ArgumentParser()
     DISP.add_arguments(parser.add_argument_group("disp"))
     args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads"])
-    assert {k: getattr(args, k) for k in DISP.defaults} == {**DISP.defaults, "lam": 4.0, "steps": 7,
-                                                            "prune_heads": True}
+    options = {k: v for k, v in DISP.defaults.items() if k != "layer_targets"}  # set by tyr+disp, no option
+    assert {k: getattr(args, k) for k in options} == {**options, "lam": 4.0, "steps": 7, "prune_heads": True}
     assert not DISP.defaults["prune_heads"]
 
 
@@ -202,3 +202,14 @@ def test_default_steps_follow_model_size():
     steps = default_steps(smol, g, 4, 256)
     assert 700 <= steps <= 760, steps
     assert abs(default_steps(smol, g, 8, 256) - steps / 2) <= 1
+
+
+def test_layer_targets_are_met_layer_by_layer():
+    """Per-layer budgets (as tyr+disp sets them): each layer lands within a few channels of its own."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    targets = [0.8, 0.3, 0.4]
+    result = DISP(steps=3, batch_size=2, layer_targets=targets).prune(model, adapter, 0.5, _calib(4, 16), 0)
+    for lp, t in zip(result.plan.layers, targets):
+        assert abs(linear_params(g, lp) / linear_params(g) - t) < 0.02, (linear_params(g, lp) / linear_params(g), t)

@@ -123,3 +123,22 @@ def test_beats_wanda_sp_on_the_reference_model():
     assert abs(tyr.plan.ratio(adapter.geometry()) - 0.5) <= 0.01
     # Measured: tyr 45.6, wanda-sp 100.6 (dense 43.5).
     assert ppl(tyr) < 0.8 * ppl(prune(model, "wanda-sp", 0.5, calib))
+
+
+def test_tyr_budgets_drive_disp(calib):
+    """tyr+disp: DISP's per-layer widths follow Týr's searched budgets, and the slim model is exact."""
+    from compress.plan import linear_params
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    result = prune(model, "tyr+disp", 0.5, calib, **FAST, steps=3, batch_size=2)
+    targets = result.plan.settings["layer_targets"]
+    tyr = prune(model, "tyr", 0.5, calib, **FAST).plan
+    assert targets == pytest.approx([linear_params(g, lp) / linear_params(g) for lp in tyr.layers], abs=1e-4)
+    for lp, t in zip(result.plan.layers, targets):
+        assert abs(linear_params(g, lp) / linear_params(g) - max(t, 0.01)) < 0.03
+    assert abs(result.plan.ratio(g) - 0.5) < 0.03
+    assert any(lp.attn_in is not None for lp in result.plan.layers)  # DISP's residual subsets
+    checks = run_parity(model, adapter, result.plan, result.replaced, calib[:3], targets=[("cpu", torch.float64)])
+    assert all(c.passed for c in checks), [c.line() for c in checks]

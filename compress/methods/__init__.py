@@ -4,5 +4,6 @@ from compress.methods.base import METHODS, Method, PruneResult
 from compress.methods import flap, magnitude, wanda_sp  # noqa: F401  (registration)
 from . import disp  # noqa: F401
 from . import tyr  # noqa: F401
+from . import tyr_disp  # noqa: F401
 
 __all__ = ["METHODS", "Method", "PruneResult"]

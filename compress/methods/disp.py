@@ -99,7 +99,9 @@ def _checkpointed(layers):
 class DISP(Method):
     name = "disp"
     needs_calibration = True
-    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False}
+    # layer_targets: kept fraction of each layer's linear weights (e.g. from Týr's search) instead
+    # of one global budget; set by `tyr+disp`, not a CLI option.
+    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "layer_targets": None}
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -126,7 +128,13 @@ class DISP(Method):
         self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps)
         with torch.no_grad():
             logits = [t.detach().double().cpu() + OFFSET for t in hyper()]
-        plan = build_plan(g, select(g, _by_layer(logits, kinds), ratio))
+        scores = _by_layer(logits, kinds)
+        targets = self.settings["layer_targets"]
+        if targets is None:
+            keep = select(g, scores, ratio)
+        else:  # each layer corrected to its own budget
+            keep = [select(g, [layer], 1.0 - t)[0] for layer, t in zip(scores, targets)]
+        plan = build_plan(g, keep)
         plan.settings = {"steps": steps}  # the resolved default, for the record
         return PruneResult(plan)
 
@@ -139,6 +147,9 @@ class DISP(Method):
         opt = torch.optim.AdamW(hyper.parameters(), lr=s["lr"], weight_decay=0.05)
         total = g.num_layers * linear_params(g)
         target = (1.0 - ratio) * total
+        layer_targets = self.settings["layer_targets"]
+        if layer_targets is not None:  # a floor: a layer's masks cannot go below one channel each
+            layer_targets = [max(t, 0.01) * linear_params(g) for t in layer_targets]
         batches = _batches(calib, s["batch_size"], gen)
         ckpt = _checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
         bar = tqdm(range(steps), desc="disp", unit="step", dynamic_ncols=True)
@@ -154,8 +165,12 @@ class DISP(Method):
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     out = model(input_ids=x, use_cache=False).logits
                 lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
-                kept = sum(_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds))
-                loss = lm + budget_loss(kept, target, s["lam"])
+                per_layer = [_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds)]
+                kept = sum(per_layer)
+                if layer_targets is None:
+                    loss = lm + budget_loss(kept, target, s["lam"])
+                else:
+                    loss = lm + sum(budget_loss(k, t, s["lam"]) for k, t in zip(per_layer, layer_targets)) / len(per_layer)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -216,7 +231,7 @@ def select(g: Geometry, scores: list[dict[str, torch.Tensor]], ratio: float) -> 
     width = [{k: int(v.sum()) for k, v in layer.items()} for layer in keep]
     per_layer = [_params(g, w) for w in width]
     kept = sum(per_layer)
-    target = (1.0 - ratio) * g.num_layers * linear_params(g)
+    target = (1.0 - ratio) * len(scores) * linear_params(g)  # the layers given: all, or one
 
     def move(i: int, k: str, j: int, on: bool) -> None:
         nonlocal kept

@@ -1,0 +1,39 @@
+"""Týr's searched budgets driving DISP's learned masks (`--method tyr+disp`).
+
+Týr finds how much of each layer to keep (its evolutionary search over per-sublayer sparsity);
+DISP then learns which residual channels, MLP channels (and, with --prune-heads, KV groups)
+each layer keeps, trained towards those per-layer budgets instead of one global budget, and
+corrected to them channel by channel. Týr's refitted weights are not used: DISP selects from
+the dense weights. Every option of `tyr` and `disp` applies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.adapters import Adapter
+from compress.methods.base import Method, PruneResult, register
+from compress.methods.disp import DISP
+from compress.methods.tyr import Tyr
+from compress.plan import linear_params
+
+__all__ = ["TyrDisp"]
+
+_DISP_KEYS = [k for k in DISP.defaults if k != "layer_targets"]
+
+
+@register
+class TyrDisp(Method):
+    name = "tyr+disp"
+    needs_calibration = True
+    defaults = {**Tyr.defaults, **{k: DISP.defaults[k] for k in _DISP_KEYS}}
+
+    def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
+        g = adapter.geometry()
+        searched = Tyr(**{k: self.settings[k] for k in Tyr.defaults}).prune(model, adapter, ratio, calib, seed).plan
+        targets = [linear_params(g, lp) / linear_params(g) for lp in searched.layers]
+        disp = DISP(**{k: self.settings[k] for k in _DISP_KEYS}, layer_targets=targets)
+        result = disp.prune(model, adapter, ratio, calib, seed)
+        self.trace = disp.trace
+        result.plan.settings = {**result.plan.settings, "layer_targets": [round(t, 4) for t in targets]}
+        return result
