@@ -95,3 +95,22 @@ def test_fresh_process_generates_the_masked_dense_tokens(folder_and_reference, s
     assert ref.shape[1] == mask.shape[1] + NEW_TOKENS
     assert got["cached"] == ref.tolist(), f"KV-cache generation under transformers {got['version']}"
     assert got["uncached"] == ref.tolist(), f"no-cache generation under transformers {got['version']}"
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_pipeline_runs_under_each_supported_release(site, tmp_path):
+    """The package's own lower bound (transformers 5.17) runs the whole export, checks included;
+    4.x sites only load folders (the package needs 5.17+)."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": site, "TRANSFORMERS_VERBOSITY": "error"}
+    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                             capture_output=True, text=True, env=env, check=True).stdout.strip()
+    if int(version.split(".")[0]) < 5:
+        pytest.skip(f"transformers {version}: exported folders load with it; the pipeline needs 5.17+")
+    out = tmp_path / "slim"
+    code = "import sys; from compress.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, "export", "--method", "wanda-sp", "--ratio", "0.3", "--out",
+                          str(out), "--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2"],
+                         capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert all(c["passed"] for c in report["parity"]) and len(report["parity"]) == 4
