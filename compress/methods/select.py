@@ -213,7 +213,7 @@ class ScoredMethod(Method):
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         add_option(group, "--head-granularity", dest="head_granularity", default="auto",
                    choices=("auto", *GRANULARITIES),
-                   help="GQA head pruning unit (magnitude, wanda-sp, flap): whole KV groups, or query "
+                   help="GQA head pruning unit (magnitude, wanda-sp, flap, tyr): whole KV groups, or query "
                         "heads evenly within every group; auto = group with >= 4 KV groups, else head")
 
     def plan(self, g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor, ratio: float,
