@@ -1,8 +1,8 @@
 """Parity of every method at several ratios on one model: no false alarms, and wrong plans caught.
 
 For each method and ratio: prune, run the export's parity checks (equivalence, 32-token greedy
-generation, identity; CPU float64), then build the slim model from the same plan with one MLP
-channel index off in the last layer and check that equivalence fails. Writes its section of
+generation, identity; CPU float64), then build the slim model from the same plan with one kept MLP
+channel moved to a pruned neighbour and check that equivalence fails. Writes its section of
 benchmarks/RESULTS.md and prints it.
 
     python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section parity-smollm2
@@ -30,14 +30,17 @@ from validation import parity  # noqa: E402
 
 
 def one_index_off(plan, g):
-    """The plan with one kept MLP channel of the last layer replaced by a pruned neighbour."""
+    """The plan with one kept MLP channel (of the last layer that prunes some) moved to a pruned neighbour."""
     wrong = copy.deepcopy(plan)
-    lp = wrong.layers[-1].resolved(g)
-    kept = lp.mlp_hidden
-    off = next(k + 1 for k in kept if k + 1 < g.intermediate and k + 1 not in kept)
-    lp.mlp_hidden = sorted([k for k in kept if k != kept[-1]] + [off])
-    wrong.layers[-1] = lp
-    return wrong
+    for i in reversed(range(len(wrong.layers))):
+        lp = wrong.layers[i].resolved(g)
+        kept = lp.mlp_hidden
+        if 0 < len(kept) < g.intermediate:
+            off = next(k + 1 for k in kept if k + 1 < g.intermediate and k + 1 not in kept)
+            lp.mlp_hidden = sorted(kept[:-1] + [off])
+            wrong.layers[i] = lp
+            return wrong
+    raise ValueError("the plan prunes no MLP channel: nothing to move")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{g.num_layers} layers, hidden {g.hidden}. Every method and ratio: the export's checks on CPU in float64 "
         f"(tolerance {parity.TOLERANCES['float64']:.0e}; generation = 32 greedy tokens of slim == masked dense), then "
-        "the slim model built from the same plan with one MLP channel of the last layer one index off, which "
+        "the slim model built from the same plan with one kept MLP channel (of the last layer that prunes some) "
+        "moved to a pruned neighbour, which "
         "equivalence must fail. Calibration "
         f"{len(calib)} x 256 tokens. Produced by {invocation('parity_sweep.py', argv)}.",
         "",
