@@ -16,9 +16,9 @@ from compress.adapters import get_adapter
 from compress.errors import CompressError
 from compress.methods import METHODS, PruneResult
 from compress.plan import model_identity
-from compress.slimming import slim_config, slim_state_dict
+from compress.slimming import build_slim_model, slim_config, slim_state_dict
 from exporters.hf_folder import REPLACED_FILE, staged_folder, write_model_files, write_weights
-from validation.parity import TOLERANCES, check_files, raise_on_failure, run_parity
+from validation.parity import TOLERANCES, check_files, probe_checks, raise_on_failure, run_parity
 from validation.report import build_report, write_report
 
 __all__ = ["prune", "export", "check_ratio"]
@@ -64,18 +64,34 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
     plan.check(g)
     ids = calib if calib is not None else torch.randint(0, model.config.vocab_size, (3, 48),
                                                         generator=torch.Generator().manual_seed(0))
+    pp = None
+    if plan.runtime:  # Probe Pruning: its history comes from the calibration windows
+        from compress.probe import with_probe
+
+        pp = with_probe(build_slim_model(model, adapter, plan, replaced), plan.runtime, calib)
     checks = []
     if check:
         t0 = time.perf_counter()
         checks = run_parity(model, adapter, plan, replaced, ids)
+        if pp is not None:
+            checks += probe_checks(pp, model, adapter, plan, replaced, ids)
         for c in checks:
             print("  parity " + c.line())
         raise_on_failure(checks)
         extra = {**(extra or {}), "parity_seconds": round(time.perf_counter() - t0, 2)}
     sd = slim_state_dict(model, adapter, plan, replaced)
+    if pp is not None:
+        sd.update({k: v for k, v in pp.state_dict().items() if ".probe_" in k})
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     config = slim_config(model, adapter, plan, replaced)
+    if pp is not None:
+        from compress.probe import runtime_ratio
+
+        for key in ("probe", "layer_probe_heads", "layer_probe_intermediate"):
+            setattr(config, key, getattr(pp.config, key))
+        extra = {**(extra or {}), "runtime": {**plan.runtime, "achieved_ratio": round(runtime_ratio(config), 4)}}
+        del pp
     config.dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     report = build_report(model, adapter, plan, sd, checks, TOLERANCES, quality=quality, extra=extra)
     with staged_folder(out, overwrite=overwrite) as folder:

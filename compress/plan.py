@@ -90,6 +90,9 @@ class Plan:
     method: str = "none"
     settings: dict = field(default_factory=dict)
     seed: int | None = None
+    # Run-time pruning on top of the static widths, e.g. {"kind": "probe", "ratio": 0.2, ...};
+    # empty for a static model. See compress/probe.py.
+    runtime: dict = field(default_factory=dict)
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -136,6 +139,7 @@ class Plan:
         return {
             "version": PLAN_VERSION, "method": self.method, "settings": self.settings, "seed": self.seed,
             "base": self.base, "layers": [{k: v for k, v in asdict(lp).items() if v is not None} for lp in self.layers],
+            **({"runtime": self.runtime} if self.runtime else {}),
         }
 
     @classmethod
@@ -143,7 +147,8 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise PlanMismatchError(f"plan version {d.get('version')!r} is not {PLAN_VERSION}")
         return cls(layers=[LayerPlan(**lp) for lp in d["layers"]], base=d.get("base", {}),
-                   method=d.get("method", "none"), settings=d.get("settings", {}), seed=d.get("seed"))
+                   method=d.get("method", "none"), settings=d.get("settings", {}), seed=d.get("seed"),
+                   runtime=d.get("runtime", {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

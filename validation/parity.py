@@ -8,6 +8,10 @@
                 it (its own modeling file) == the masked dense model, dense weights rounded to
                 the export dtype, both in float64;
 5. onnx:        onnxruntime == slim PyTorch, prefill and every decode step (`onnx_checks`);
+6. probe-*:     Probe Pruning (`probe_checks`): with every head and channel forced, == masked
+                dense (the static model); with a random choice of the probe's counts forced ==
+                the dense model masked by that choice as a static plan (the gather path); KV-cache
+                greedy == no-cache greedy under the prefill's choice (the decode path);
 run on CPU in float64 always and on CUDA in float16 and bfloat16 when a GPU is present.
 
 Why float64 on CPU: in float32 the slim model and the masked dense model differ by summation
@@ -33,7 +37,7 @@ from compress.plan import Plan
 from compress.slimming import build_slim_model
 
 __all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "Check", "parity_batch", "run_parity",
-           "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
+           "probe_checks", "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
 # only; float32 (the folder check, same tensors through the same code) differs by summation
@@ -155,6 +159,37 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
     return checks
 
 
+def probe_checks(pp, dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor) -> list[Check]:
+    """The checks of a probe-pruned model `pp` (any dtype; run as a float64 copy on CPU)."""
+    from compress.probe import full_selection, random_selection, selection_plan
+
+    g = adapter.geometry()
+    ids, mask = parity_batch(ids)
+    pp = copy.deepcopy(pp).to("cpu", torch.float64)
+    d = copy.deepcopy(dense).to("cpu", torch.float64)
+    checks = []
+    for name, selection in (("probe-full", full_selection(pp)), ("probe-gather", random_selection(pp))):
+        with replaced_weights(d, replaced), masked(d, adapter, plan_masks(selection_plan(plan, g, selection), g)):
+            want = _logits(d, ids, mask)
+        pp.model.probe_forced = selection
+        checks.append(_check(name, "cpu", "float64", _max_diff(want, _logits(pp, ids, mask), mask)))
+    del d
+    pp.model.probe_forced = None
+    with torch.no_grad():
+        out = pp.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=GENERATION_TOKENS,
+                          min_new_tokens=GENERATION_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          return_dict_in_generate=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        pp.model.probe_forced = {key: sel["index"] for key, sel in cache.probe_selection.items()}
+        again = pp.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=GENERATION_TOKENS,
+                            min_new_tokens=GENERATION_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
+                            use_cache=False)
+    identical = bool(torch.equal(out.sequences, again))
+    checks.append(_check("probe-decode", "cpu", "float64", 0.0, f"{GENERATION_TOKENS} greedy tokens with the KV "
+                         f"cache {'==' if identical else '!='} without it, under the prefill's choice", passed=identical))
+    return checks
+
+
 def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replaced: dict | None,
                 expected: dict[str, torch.Tensor]) -> Check:
     """The folder holds exactly `expected` (tensor by tensor), and the model transformers builds from
@@ -173,6 +208,10 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     if problem:
         return Check("files", "cpu", name, float("inf"), TOLERANCES["float64"], False, problem)
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float64).eval()
+    if getattr(loaded.model, "probing", False):  # Probe Pruning forced to keep everything: the static model
+        from compress.probe import full_selection
+
+        loaded.model.probe_forced = full_selection(loaded)
     ref = copy.deepcopy(dense).to("cpu", torch.float64)
     with torch.no_grad():
         for p in ref.parameters():  # weights only: buffers such as rotary frequencies stay exact

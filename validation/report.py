@@ -12,12 +12,13 @@ from compress.plan import Plan
 
 __all__ = ["build_report", "write_report", "summary_lines", "count_params"]
 
-INDEX_SUFFIX = ("_index", ".kv_map")
+# Buffers that are not weights: index tensors, and Probe Pruning's calibration history and norms.
+BUFFER_SUFFIX = ("_index", ".kv_map", ".probe_history", ".probe_w2")
 
 
 def count_params(state_dict: dict[str, torch.Tensor]) -> int:
-    """Parameters of a slim state dict (index buffers excluded; a tied head counted once)."""
-    return sum(t.numel() for k, t in state_dict.items() if not k.endswith(INDEX_SUFFIX))
+    """Parameters of a slim state dict (buffers excluded; a tied head counted once)."""
+    return sum(t.numel() for k, t in state_dict.items() if not k.endswith(BUFFER_SUFFIX))
 
 
 def _dense_params(model) -> int:
@@ -66,6 +67,10 @@ def summary_lines(report: dict) -> list[str]:
         f"({p['linear_before']:,} -> {p['linear_after']:,}), "
         f"{r['achieved_total']:.4f} of all parameters ({p['total_before']:,} -> {p['total_after']:,})",
     ]
+    rt = report.get("runtime")
+    if rt:
+        lines.append(f"run time: Probe Pruning skips {rt['achieved_ratio']:.4f} of the slim model's decoder-layer "
+                     f"linear weights per batch (requested {rt['ratio']}; all weights stay in the files)")
     q = report.get("quality") or {}
     if q:
         lines.append(f"quality on {q.get('windows')} held-out windows: perplexity dense {q['dense_ppl']:.2f} -> "

@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from compress.errors import CompressError
 from compress.methods import METHODS
 from compress.pipeline import check_ratio, export, prune
 
@@ -40,6 +41,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     p.add_argument("--eval-windows", type=int, default=32,
                    help="held-out windows for the report's perplexity/KL (0 to skip)")
+    p.add_argument("--runtime", choices=["probe"], default=None,
+                   help="add run-time pruning on top of the method's static plan: `probe` (Probe Pruning) "
+                        "skips --runtime-ratio of the slim model's decoder linear weights per batch, chosen by a "
+                        "small probe of the batch; see the probe options")
+    p.add_argument("--runtime-ratio", type=float, default=0.2, help="share skipped per batch by --runtime probe")
     p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
@@ -56,10 +62,15 @@ def method_settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
     from compress.textdata import calibration_windows, load_text, token_stream
 
     check_ratio(args.ratio)
+    if args.runtime and not 0.0 < args.runtime_ratio < 1.0:
+        raise CompressError(f"--runtime-ratio must be strictly between 0 and 1, got {args.runtime_ratio}")
+    if args.onnx and (args.runtime or args.method == "probe"):
+        raise CompressError("--onnx: ONNX export of Probe Pruning is not supported yet (it runs in PyTorch)")
     out = args.out.resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
@@ -77,9 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
     t1 = time.perf_counter()
     result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
+    if args.runtime == "probe":
+        if result.plan.runtime:
+            raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
+        result.plan.runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
+                                            heads=args.probe_heads)
     prune_s = time.perf_counter() - t1
 
-    quality = _quality(model, result, tokenizer, args, device) if args.eval_windows else {}
+    quality = _quality(model, result, tokenizer, args, device, calib.to(device)) if args.eval_windows else {}
     extra = {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
              else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
     report = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
@@ -100,15 +116,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quality(model, result, tokenizer, args, device) -> dict:
+def _quality(model, result, tokenizer, args, device, calib) -> dict:
     """Held-out perplexity / KL of the slim model for the report (the slim model is freed on return)."""
     from compress.adapters import get_adapter
     from compress.reference import TEST_TEXT
-    from compress.slimming import build_slim_model
+    from compress.probe import build_serving_model
     from compress.textdata import load_text, token_stream
     from validation.quality import compare
 
-    slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
+    slim = build_serving_model(model, get_adapter(model.config), result.plan, result.replaced, calib)
     q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
                 max_windows=args.eval_windows, device=device)
     return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,

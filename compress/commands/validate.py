@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from compress.errors import CompressError
@@ -35,6 +36,33 @@ def load_export(folder: Path) -> tuple[dict, Plan, dict]:
     return report, Plan.load(folder / "plan.json"), replaced
 
 
+def probe_tensors(folder: Path, expected: dict) -> dict:
+    """The folder's Probe Pruning buffers, checked where they can be: each weight norm recomputed
+    from the expected weights; the calibration history (which needs the export's calibration
+    text) finite and non-negative."""
+    from safetensors import safe_open
+
+    from exporters.hf_folder import INDEX_FILE
+
+    weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    out = {}
+    for name, filename in weight_map.items():
+        if ".probe_" not in name:
+            continue
+        with safe_open(str(folder / filename), framework="pt") as f:
+            t = f.get_tensor(name)
+        if name.endswith(".probe_w2"):
+            consumer = name.replace("self_attn.probe_w2", "self_attn.o_proj.weight").replace(
+                "mlp.probe_w2", "mlp.down_proj.weight")
+            want = expected[consumer].double().pow(4).sum(0).sqrt().to(t.dtype)
+            if not torch.allclose(t.double(), want.double(), rtol=1e-3, atol=0):
+                raise CompressError(f"{folder}: {name} is not the norm of {consumer}")
+        elif not bool(torch.isfinite(t).all() and (t >= 0).all()):
+            raise CompressError(f"{folder}: {name} holds negative or non-finite values")
+        out[name] = t
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from compress.adapters import get_adapter
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -55,11 +83,20 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
     expected = {k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
+    if plan.runtime:
+        expected.update(probe_tensors(folder, expected))
     files = check_files(folder, model, adapter, plan, replaced, expected)
     del expected
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
     checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
+    if plan.runtime:
+        from transformers import AutoModelForCausalLM
+
+        from validation.parity import probe_checks
+
+        served = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
+        checks += probe_checks(served, model, adapter, plan, replaced, ids)
     for c in checks:
         print("parity " + c.line())
     if args.json:

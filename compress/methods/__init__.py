@@ -5,5 +5,6 @@ from compress.methods import flap, magnitude, wanda_sp  # noqa: F401  (registrat
 from . import disp  # noqa: F401
 from . import tyr  # noqa: F401
 from . import tyr_disp  # noqa: F401
+from . import probe  # noqa: F401
 
 __all__ = ["METHODS", "Method", "PruneResult"]

@@ -41,6 +41,9 @@ class SlimConfig(PretrainedConfig):
         layer_down_bias=None,
         tie_word_embeddings=False,
         use_cache=True,
+        probe=None,
+        layer_probe_heads=None,
+        layer_probe_intermediate=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -76,6 +79,14 @@ class SlimConfig(PretrainedConfig):
         self.layer_mlp_out = list(layer_mlp_out or [hidden_size] * n)
         self.layer_o_bias = list(layer_o_bias or [False] * n)
         self.layer_down_bias = list(layer_down_bias or [False] * n)
+        # Probe Pruning at run time (None: a static model). `probe` holds the share of token
+        # positions and of samples the probe takes, the history length (calibration positions)
+        # and the EMA momentum of history updates (None: the history stays as calibrated). The
+        # lists give each layer's query heads and MLP channels kept per batch; a layer whose
+        # counts equal its static width is never probed.
+        self.probe = dict(probe) if probe else None
+        self.layer_probe_heads = list(layer_probe_heads or self.layer_heads)
+        self.layer_probe_intermediate = list(layer_probe_intermediate or self.layer_intermediate)
         # Generation utilities look these up; heads differ per layer, so report the maximum.
         self.num_attention_heads = max([1, *self.layer_heads])
         self.num_key_value_heads = max([1, *self.layer_kv_heads])

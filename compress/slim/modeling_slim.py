@@ -11,9 +11,23 @@ the public `transformers` API. Per layer (DISP, arXiv 2410.11988):
 Index tensors are buffers stored beside the weights; a full-width selection has no buffer and
 costs nothing. Layers may keep different numbers of query/KV heads (the KV cache follows) or
 none at all (the sublayer is skipped; a bias left by bias compensation is still added).
+
+Probe Pruning (arXiv 2502.15618), when the config has `probe`: per batch, each probed sublayer
+picks the query heads / MLP channels it runs. A probe (the top half of token positions, then
+the top 5% of samples, by L2 norm of the residual stream) runs through the sublayer with all
+its weights; its mean squared activations at the `o_proj` / `down_proj` inputs are fused with
+a calibration history per position and channel (r = P / (P + H + 1e-6), (1 - r) H + r P,
+summed over the probe positions); channel j scores fused_j * ||W[:, j]^2||_2, a head the
+norm of its channels' scores. The top heads (the same number in every KV group; k/v and so
+the KV cache stay whole) and channels are gathered from the weights and the whole batch runs
+on them. The choice made at prefill is kept on the KV cache object for the request's decode
+steps, so decoding reads only the kept weights and generation is consistent. A layer whose
+kept counts equal its width is never probed: with nothing to remove, the model is static.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +96,22 @@ def index_buffer(module: nn.Module, name: str, width: int, full: int) -> None:
         setattr(module, name, None)
 
 
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of a q projection (columns of o) that belong to the given heads."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
+
+
+def probe_buffers(module: nn.Module, config: SlimConfig, keep: int, units: int, channels: int) -> bool:
+    """Register a probed sublayer's calibration history and weight norms; False if not probed."""
+    if not config.probe or not units or keep >= units:
+        return False
+    # history: per position and channel, the mean of X^2 at the consumer's input (calibration);
+    # w2: per input channel of the consumer, ||W[:, j]^2||_2, so a score costs no pass over W.
+    module.register_buffer("probe_history", torch.zeros(config.probe["history_len"], channels))
+    module.register_buffer("probe_w2", torch.zeros(channels))
+    return True
+
+
 class SlimAttention(nn.Module):
     def __init__(self, config: SlimConfig, i: int):
         super().__init__()
@@ -103,16 +133,28 @@ class SlimAttention(nn.Module):
         elif has_o_bias:
             self.out_bias = nn.Parameter(torch.zeros(d_out))
         self.qk_norm = config.qk_norm
+        self.probe_keep = config.layer_probe_heads[i]
+        self.probed = probe_buffers(self, config, self.probe_keep, self.heads, self.heads * hd)
 
-    def forward(self, x, cos, sin, mask, cache, layer_idx):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, mask, cache, layer_idx, sel=None):
         if not self.heads:
             if cache is not None:  # keep the cache's length bookkeeping uniform across layers
-                empty = x.new_zeros(B, 0, T, self.head_dim)
+                empty = x.new_zeros(x.shape[0], 0, x.shape[1], self.head_dim)
                 cache.update(empty, empty, layer_idx)
             return getattr(self, "out_bias", None)
+        if sel is None:
+            out = self.context(x, cos, sin, mask, cache, layer_idx, self.q_proj.weight, self.q_proj.bias,
+                               self.kv_map if self.kv_heads != self.heads else None)
+            return self.o_proj(out)
+        out = self.context(x, cos, sin, mask, cache, layer_idx, sel["q_weight"], sel["q_bias"], sel["kv_map"])
+        return F.linear(out, sel["o_weight"], self.o_proj.bias)
+
+    def context(self, x, cos, sin, mask, cache, layer_idx, q_weight, q_bias, kv_map):
+        """Attention up to the `o_proj` input ([B, T, heads * head_dim]) for the given query rows."""
+        B, T, _ = x.shape
         hd = self.head_dim
-        q = self.q_proj(x).view(B, T, self.heads, hd)
+        heads = q_weight.shape[0] // hd
+        q = F.linear(x, q_weight, q_bias).view(B, T, heads, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, hd)
         v = self.v_proj(x).view(B, T, self.kv_heads, hd).transpose(1, 2)
         if self.qk_norm:
@@ -122,10 +164,24 @@ class SlimAttention(nn.Module):
             q, k = apply_rope(q, cos, sin, self.rope_dim), apply_rope(k, cos, sin, self.rope_dim)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
-        if self.kv_heads != self.heads:
-            k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
+        if kv_map is not None:
+            k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * hd))
+        return out.transpose(1, 2).reshape(B, T, heads * hd)
+
+    def gather(self, heads: torch.Tensor) -> dict:
+        """The weights of the kept query heads (sorted indices into this layer's heads)."""
+        rows = head_rows(heads, self.head_dim)
+        bias = self.q_proj.bias
+        return {"index": heads, "q_weight": self.q_proj.weight.index_select(0, rows),
+                "q_bias": None if bias is None else bias.index_select(0, rows),
+                "o_weight": self.o_proj.weight.index_select(1, rows), "kv_map": self.kv_map.index_select(0, heads)}
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top heads by channel scores, the same number in every KV group (groups are contiguous)."""
+        per_head = scores.view(self.heads, self.head_dim).pow(2).sum(-1).view(self.kv_heads, -1)
+        top = per_head.topk(self.probe_keep // self.kv_heads, dim=1).indices.sort(dim=1).values
+        return (top + torch.arange(self.kv_heads, device=top.device)[:, None] * per_head.shape[1]).reshape(-1)
 
 
 class SlimMLP(nn.Module):
@@ -141,12 +197,35 @@ class SlimMLP(nn.Module):
             self.down_proj = nn.Linear(m, d_out, bias=config.layer_down_bias[i])
         elif config.layer_down_bias[i]:
             self.out_bias = nn.Parameter(torch.zeros(d_out))
+        self.probe_keep = config.layer_probe_intermediate[i]
+        self.probed = probe_buffers(self, config, self.probe_keep, m, m)
 
-    def forward(self, x):
+    def forward(self, x, sel=None):
         if not self.width:
             return getattr(self, "out_bias", None)
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
-        return self.down_proj(h)
+        if sel is None:
+            return self.down_proj(self.hidden(x))
+        return F.linear(self.hidden(x, sel), sel["down_weight"], self.down_proj.bias)
+
+    def hidden(self, x, sel=None):
+        """The `down_proj` input, over all channels or the selected ones."""
+        if sel is None:
+            up = self.up_proj(x)
+            return self.act(self.gate_proj(x)) * up if self.gated else self.act(up)
+        up = F.linear(x, sel["up_weight"], sel["up_bias"])
+        return self.act(F.linear(x, sel["gate_weight"], sel["gate_bias"])) * up if self.gated else self.act(up)
+
+    def gather(self, channels: torch.Tensor) -> dict:
+        """The weights of the kept channels (sorted indices into this layer's channels)."""
+        sel = {"index": channels, "down_weight": self.down_proj.weight.index_select(1, channels)}
+        for name in ("gate", "up"):
+            proj = getattr(self, name + "_proj", None)
+            sel[name + "_weight"] = None if proj is None else proj.weight.index_select(0, channels)
+            sel[name + "_bias"] = None if proj is None or proj.bias is None else proj.bias.index_select(0, channels)
+        return sel
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.topk(self.probe_keep).indices.sort().values
 
 
 class SlimDecoderLayer(nn.Module):
@@ -175,11 +254,86 @@ class SlimDecoderLayer(nn.Module):
             return x + y
         return x.index_add(-1, index, y.to(x.dtype).expand(*x.shape[:-1], y.shape[-1]))
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, probe=None):
         a = self._read(self.input_layernorm(x), self.attn_in_index)
-        x = self._write(x, self.attn_out_index, self.self_attn(a, cos, sin, mask, cache, self.layer_idx))
+        sel = probe.attention(self, x, a, cos, sin) if probe is not None and self.self_attn.probed else None
+        x = self._write(x, self.attn_out_index, self.self_attn(a, cos, sin, mask, cache, self.layer_idx, sel))
         b = self._read(self.post_attention_layernorm(x), self.mlp_in_index)
-        return self._write(x, self.mlp_out_index, self.mlp(b))
+        sel = probe.mlp(self, x, b) if probe is not None and self.mlp.probed else None
+        return self._write(x, self.mlp_out_index, self.mlp(b, sel))
+
+
+class ProbeRun:
+    """One forward pass of a probe-pruned model: each probed sublayer's choice, made once.
+
+    `selection` maps (layer, "attn" | "mlp") to the gathered weights and their indices; it
+    starts with what an earlier step (the request's prefill) or a caller forced, and what is
+    missing is chosen by probing now.
+    """
+
+    def __init__(self, settings: dict, token_mask: torch.Tensor, position_ids: torch.Tensor, selection: dict):
+        self.settings, self.selection = settings, selection
+        self.token_mask, self.position_ids = token_mask, position_ids
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe: top token positions (L2 over the batch), then top samples over those, in order."""
+        norms = x.float().norm(dim=-1) * self.token_mask  # [B, T]; padding never probes
+        B, T = norms.shape
+        t = max(1, math.ceil(T * self.settings["positions"]))
+        b = max(1, math.floor(B * self.settings["samples"]))
+        pos = norms.norm(dim=0).topk(t).indices.sort().values
+        smp = norms.index_select(1, pos).norm(dim=1).topk(b).indices.sort().values
+        return smp, pos
+
+    def _scores(self, module: nn.Module, act: torch.Tensor, smp, pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PP importance of each consumer input channel from the probe's activations [b, t, C]."""
+        hist = module.probe_history
+        pid = self.position_ids.index_select(0, smp).index_select(1, pos).clamp(0, hist.shape[0] - 1)
+        probe = act.float().pow(2).mean(0)  # [t, C]
+        past = hist[pid].float().mean(0)
+        r = probe / (probe + past + 1e-6)
+        fused = ((1 - r) * past + r * probe).sum(0)
+        return fused * module.probe_w2.float(), pid, probe
+
+    def _update(self, module, pid, probe, kept: torch.Tensor) -> None:
+        """EMA of the history at the probed positions, kept channels only (when configured)."""
+        m = self.settings.get("momentum")
+        if m is None:
+            return
+        hist = module.probe_history
+        rows = pid.reshape(-1)
+        new = probe.to(hist.dtype).repeat(pid.shape[0], 1).index_select(1, kept)
+        hist[rows[:, None], kept[None, :]] = m * hist[rows][:, kept] + (1 - m) * new
+
+    def attention(self, layer, x, a, cos, sin) -> dict:
+        key = (layer.layer_idx, "attn")
+        if key not in self.selection:
+            attn = layer.self_attn
+            smp, pos = self._tokens(x)
+            seen = self.token_mask.index_select(0, smp).index_select(1, pos).bool()
+            t = pos.shape[0]
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = causal[None] & seen[:, None, :]
+            mask = (mask | ~mask.any(-1, keepdim=True))[:, None]
+            cs = [None if c is None else c.index_select(0, smp).index_select(2, pos) for c in (cos, sin)]
+            ctx = attn.context(a.index_select(0, smp).index_select(1, pos), cs[0], cs[1], mask, None, None,
+                               attn.q_proj.weight, attn.q_proj.bias, attn.kv_map if attn.kv_heads != attn.heads else None)
+            scores, pid, probe = self._scores(attn, ctx, smp, pos)
+            heads = attn.choose(scores)
+            self._update(attn, pid, probe, head_rows(heads, attn.head_dim))
+            self.selection[key] = attn.gather(heads)
+        return self.selection[key]
+
+    def mlp(self, layer, x, b) -> dict:
+        key = (layer.layer_idx, "mlp")
+        if key not in self.selection:
+            mlp = layer.mlp
+            smp, pos = self._tokens(x)
+            scores, pid, probe = self._scores(mlp, mlp.hidden(b.index_select(0, smp).index_select(1, pos)), smp, pos)
+            channels = mlp.choose(scores)
+            self._update(mlp, pid, probe, channels)
+            self.selection[key] = mlp.gather(channels)
+        return self.selection[key]
 
 
 class SlimPreTrainedModel(PreTrainedModel):
@@ -210,7 +364,22 @@ class SlimModel(SlimPreTrainedModel):
         self.cache_layer = next((i for i, h in enumerate(config.layer_kv_heads) if h), None)
         self.layers = nn.ModuleList(SlimDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config, config.hidden_size)
+        self.probing = any(layer.self_attn.probed or layer.mlp.probed for layer in self.layers)
+        # {(layer, "attn" | "mlp"): sorted kept indices}: overrides the probe (parity checks use it).
+        self.probe_forced: dict | None = None
         self.post_init()
+
+    def _probe_run(self, cache, past, token_mask, position_ids) -> ProbeRun | None:
+        """Probe state for this pass: the prefill's choice on decode steps, else forced or fresh."""
+        if not self.probing:
+            return None
+        selection = getattr(cache, "probe_selection", None) if cache is not None and past else None
+        if selection is None:
+            selection = {}
+            for (i, part), index in (self.probe_forced or {}).items():
+                module = self.layers[i].self_attn if part == "attn" else self.layers[i].mlp
+                selection[(i, part)] = module.gather(index.to(token_mask.device))
+        return ProbeRun(self.config.probe, token_mask.float(), position_ids, selection)
 
     def _mask(self, attention_mask, past, T, device):
         """Boolean [B, 1, T, past+T] mask: causal by cache slot, padding, optional sliding window."""
@@ -254,11 +423,14 @@ class SlimModel(SlimPreTrainedModel):
             scale = self.config.rope_attention_scaling
             cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
+        probe = self._probe_run(cache, past, attention_mask[:, past:], position_ids)
         hidden_states = []
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, probe)
+        if probe is not None and cache is not None:
+            cache.probe_selection = probe.selection  # the request's decode steps reuse it
         x = self.norm(x)
         return x, cache, (*hidden_states, x) if output_hidden_states else None
 
