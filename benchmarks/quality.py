@@ -8,6 +8,7 @@ prints it.
 
     python benchmarks/quality.py                       # all registered methods
     python benchmarks/quality.py --methods magnitude wanda-sp flap flap:standardize=type
+    python benchmarks/quality.py --methods probe flap:runtime=0.2   # Probe Pruning alone / on top of FLAP
     python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section smollm2 \
         --calib-windows 64 --test-windows 64 --methods magnitude wanda-sp flap disp:steps=400,batch_size=2
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
-from compress.slimming import build_slim_model  # noqa: E402
+from compress.probe import build_serving_model, probe_runtime, runtime_ratio  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from validation.quality import compare, perplexity  # noqa: E402
 
@@ -118,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [f"| dense | 0 | 0.000 | {dense.perplexity:.2f} | 0 | 1.000 | - | |"]
     for name, settings in variants:
         label = name + "".join(f" {k}={v}" for k, v in settings.items())
+        runtime = settings.pop("runtime", None)  # `runtime=R`: Probe Pruning at R on top of the method
         for ratio in args.ratios:
             cls = methods[name]
             try:
                 t0 = time.perf_counter()
                 res = cls(**settings).prune(model, adapter, ratio, calib if cls.needs_calibration else None, args.seed)
+                if runtime is not None:
+                    res.plan.runtime = probe_runtime(runtime)
                 seconds = time.perf_counter() - t0
-                slim = build_slim_model(model, adapter, res.plan, res.replaced)
+                slim = build_serving_model(model, adapter, res.plan, res.replaced, calib)
                 q = compare(slim, model, test_ids, **eval_kw)
             except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' rows
                 rows.append(f"| {label} | {ratio:g} | - | - | - | - | - | failed: {type(e).__name__}: {e} |")
@@ -132,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             widths = [(len(lp.resolved(g).heads), len(lp.resolved(g).mlp_hidden)) for lp in res.plan.layers]
             note = " ".join(f"{h}/{m}" for h, m in widths)
+            if res.plan.runtime:
+                note = (f"probe skips {runtime_ratio(slim.config):.3f} per batch; kept per batch: "
+                        + " ".join(f"{h}/{m}" for h, m in zip(slim.config.layer_probe_heads,
+                                                              slim.config.layer_probe_intermediate)))
             rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "
                         f"| {q.top1_agreement:.3f} | {seconds:.1f} | {note} |")
             print(rows[-1], flush=True)
@@ -146,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({torch.get_num_threads()} threads), "
         f"float32, seed {args.seed}. Ratio = fraction of decoder-layer linear weights removed (requested / "
         "achieved). KL = mean KL(dense || pruned) per token, nats; top-1 = argmax agreement with the dense "
-        "model. Widths = kept heads / MLP channels per layer. Produced by "
+        "model. Widths = kept heads / MLP channels per layer (for Probe Pruning, `probe`, and `runtime=R`, "
+        "Probe Pruning on top of a method: the share of the slim model's linear weights skipped per batch and "
+        f"the counts kept per batch of {args.batch_size} windows). Produced by "
         f"{invocation('quality.py', argv)}.",
         "",
         "| method | ratio | removed | perplexity | KL | top-1 | prune s | widths |",

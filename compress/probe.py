@@ -4,8 +4,8 @@ The run-time half (probe, fusion, selection, gathers, decode reuse) lives in the
 file; this module decides what it needs and computes it from a static slim model:
 
 - counts: one share removed from every probed layer's MLP channels and, with `heads`, query
-  heads (the same number in every KV group, each group keeping one; k/v and the KV cache stay
-  whole); the heads' share is rounded to whole heads per group and the MLP share solved so
+  heads (the same number in every KV group, each group keeping one, or anywhere with one query
+  head per KV head; k/v and the KV cache stay whole); the heads' share is rounded to whole heads per group and the MLP share solved so
   the whole model skips `ratio` of the static slim model's decoder linear weights per batch. The first `skip_layers` layers are never probed
   (default: a tenth of the layers, the paper's 3 of 32); their share moves to the others.
 - history: per position and channel, the mean of X^2 at each probed `o_proj` / `down_proj`
@@ -85,10 +85,13 @@ def probe_counts(c: SlimConfig, ratio: float, skip_layers: int | None, regular_g
     removed = 0
     for i in probed:
         if regular_groups[i] and c.layer_heads[i]:
-            group = c.layer_heads[i] // c.layer_kv_heads[i]
+            kv = c.layer_kv_heads[i]
+            group = c.layer_heads[i] // kv
+            if group == 1:  # one query head per KV head: heads go anywhere (their k/v stay cached)
+                group, kv = kv, 1
             per_group = min(group - 1, round(share * group))
-            heads[i] -= per_group * c.layer_kv_heads[i]
-            removed += per_group * c.layer_kv_heads[i] * _costs(c, i)[0]
+            heads[i] -= per_group * kv
+            removed += per_group * kv * _costs(c, i)[0]
     mlp = sum(c.layer_intermediate[i] * _costs(c, i)[1] for i in probed)
     fraction = max(0.0, target - removed) / mlp if mlp else math.inf
     if fraction >= 1.0:
@@ -191,9 +194,10 @@ def random_selection(pp: SlimForCausalLM, seed: int = 0) -> dict:
     out = {}
     for key, m in _probed(pp):
         if key[1] == "attn":
-            group = m.heads // m.kv_heads
-            ranks = torch.rand(m.kv_heads, group, generator=gen).argsort(1)[:, : m.probe_keep // m.kv_heads]
-            out[key] = (ranks.sort(1).values + torch.arange(m.kv_heads)[:, None] * group).reshape(-1)
+            groups = m.probe_groups
+            group = m.heads // groups
+            ranks = torch.rand(groups, group, generator=gen).argsort(1)[:, : m.probe_keep // groups]
+            out[key] = (ranks.sort(1).values + torch.arange(groups)[:, None] * group).reshape(-1)
         else:
             out[key] = torch.randperm(m.width, generator=gen)[: m.probe_keep].sort().values
     return out

@@ -28,9 +28,10 @@ from onnxscript import opset18 as op
 from torch import nn
 
 
-__all__ = ["export_onnx", "kv_layers", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME"]
+__all__ = ["export_onnx", "kv_layers", "probe_keys", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME", "PREFILL_NAME"]
 
 CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
+PREFILL_NAME = "prefill.onnx"  # Probe Pruning models only
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion, runs on ORT >= 1.14
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -41,37 +42,69 @@ def kv_layers(config) -> list[int]:
 
 
 class _FlatCache:
-    """The two methods the slim model calls on a cache, over flat past tensors (no DynamicCache in the graph)."""
+    """The two methods the slim model calls on a cache, over flat past tensors (no DynamicCache in
+    the graph). `past=None`: a prefill graph, which has no past inputs (its past length is 0)."""
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.past, self.present = past, {}
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, layers: list[int]):
+        self.past, self.layers, self.present = past, set(layers), {}
 
     def update(self, k, v, layer_idx):
-        if layer_idx not in self.past:  # attention removed: nothing cached, nothing exported
+        if layer_idx not in self.layers:  # attention removed: nothing cached, nothing exported
             return k, v
-        pk, pv = self.past[layer_idx]
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if self.past is not None:
+            pk, pv = self.past[layer_idx]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         self.present[layer_idx] = (k, v)
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0):
+        if self.past is None:
+            return 0
         return self.past.get(layer_idx, next(iter(self.past.values())))[0].shape[2]
 
 
+def probe_keys(slim) -> list[tuple[int, str]]:
+    """The sublayers a Probe Pruning model chooses for, in the graphs' input/output order."""
+    return [(i, part) for i, layer in enumerate(slim.model.layers)
+            for part, module in (("attn", layer.self_attn), ("mlp", layer.mlp)) if module.probed]
+
+
+def probe_name(key: tuple[int, str]) -> str:
+    return f"probe.{key[0]}.{key[1]}"
+
+
 class _Exportable(nn.Module):
-    """forward(input_ids, attention_mask, position_ids, past) -> (logits, *present), all tensors."""
+    """forward(input_ids, attention_mask, position_ids, [*past, *probe]) -> (logits, *present[, *probe]).
 
-    def __init__(self, slim: nn.Module):
+    "step": past KV tensors in (any length, 0 included), present out; a Probe Pruning model also
+    takes each probed sublayer's kept indices (the prefill's choice). "prefill" (Probe Pruning
+    only): no past; the probe chooses, and the indices come out after the present tensors.
+    """
+
+    def __init__(self, slim: nn.Module, mode: str = "step"):
         super().__init__()
-        self.slim = slim
+        self.slim, self.mode = slim, mode
         self.layers = kv_layers(slim.config)
+        self.probe = probe_keys(slim)
 
-    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
-        pairs = {i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(self.layers)}
-        cache = _FlatCache(pairs)
-        out = self.slim(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
-        return (out.logits, *(t for i in self.layers for t in cache.present[i]))
+    def forward(self, input_ids, attention_mask, position_ids, carried: list[torch.Tensor] | None = None):
+        """`carried`: the past KV tensors, then the probe's indices (step mode only)."""
+        if self.mode == "prefill":
+            cache, probe = _FlatCache(None, self.layers), []
+        else:
+            n = 2 * len(self.layers)
+            past, probe = carried[:n], carried[n:]
+            cache = _FlatCache({i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(self.layers)}, self.layers)
+        self.slim.model.probe_forced = dict(zip(self.probe, probe)) if probe else None
+        try:
+            out = self.slim(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
+        finally:
+            self.slim.model.probe_forced = None
+        present = tuple(t for i in self.layers for t in cache.present[i])
+        if self.mode == "prefill":
+            return (out.logits, *present, *(cache.probe_selection[k]["index"] for k in self.probe))
+        return (out.logits, *present)
 
 
 def _index_add(self, dim: int, index, source, alpha: float = 1.0):
@@ -89,10 +122,13 @@ def _index_add(self, dim: int, index, source, alpha: float = 1.0):
     return op.ScatterElements(self, idx, op.Add(op.GatherElements(self, idx, axis=axis), source), axis=axis)
 
 
-def _names(layers: list[int]) -> tuple[list[str], list[str]]:
+def _names(layers: list[int], probe: list[tuple[int, str]], mode: str = "step") -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    chosen = [probe_name(k) for k in probe]
+    if mode == "prefill":
+        return ["input_ids", "attention_mask", "position_ids"], ["logits", *present, *chosen]
+    return ["input_ids", "attention_mask", "position_ids", *past, *chosen], ["logits", *present]
 
 
 def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: int | None = None) -> Path:
@@ -107,41 +143,53 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     model = slim_model
     if next(model.parameters()).dtype != DTYPES[dtype]:
         model = copy.deepcopy(slim_model).to(DTYPES[dtype])
-    wrapper = _Exportable(model)
-    inputs, outputs = _names(wrapper.layers)
-    args, shapes = _example_inputs(model, wrapper.layers)
     opset = opset or DEFAULT_OPSET
     training = model.training
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(
-            wrapper.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-            input_names=inputs, output_names=outputs, verbose=False,
-            custom_translation_table={torch.ops.aten.index_add.default: _index_add},
-        )
+    modes = ["step", "prefill"] if probe_keys(model) else ["step"]
+    for mode in modes:
+        wrapper = _Exportable(model, mode)
+        inputs, outputs = _names(wrapper.layers, wrapper.probe, mode)
+        args, shapes = _example_inputs(model, wrapper, mode)
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                wrapper.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                input_names=inputs, output_names=outputs, verbose=False,
+                custom_translation_table={torch.ops.aten.index_add.default: _index_add},
+            )
+        program.save(out / (MODEL_NAME if mode == "step" else PREFILL_NAME), external_data=True)
     model.train(training)
-    path = out / MODEL_NAME
-    program.save(path, external_data=True)
-    config = _onnx_config(model.config, dtype, opset, wrapper.layers)
+    config = _onnx_config(model, dtype, opset)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
-    return path
+    return out / MODEL_NAME
 
 
-def _example_inputs(model, layers: list[int]) -> tuple[tuple, tuple]:
-    """Example (input_ids, attention_mask, position_ids, past) and their dynamic axes.
+def _example_inputs(model, wrapper: _Exportable, mode: str) -> tuple[tuple, tuple]:
+    """Example (input_ids, attention_mask, position_ids[, past + probe]) and their dynamic axes.
 
     Sizes are distinct and above 1 (0 and 1 would be specialised); an empty past still runs.
+    Probe indices have static lengths (each sublayer's kept count).
     """
     config, p = model.config, next(model.parameters())
-    B, T, P = 2, 3, 5
+    B, T = 2, 3
+    P = 0 if mode == "prefill" else 5
     ids = torch.randint(0, config.vocab_size, (B, T), device=p.device)
     mask = torch.ones(B, P + T, dtype=torch.long, device=p.device)
     pos = torch.arange(P, P + T, device=p.device).expand(B, T)
-    past = [torch.zeros(B, config.layer_kv_heads[i], P, config.head_dim, dtype=p.dtype, device=p.device)
-            for i in layers for _ in range(2)]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    if mode == "prefill":
+        return (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq})
+    past = [torch.zeros(B, config.layer_kv_heads[i], P, config.head_dim, dtype=p.dtype, device=p.device)
+            for i in wrapper.layers for _ in range(2)]
+    probe = [torch.arange(_module(model, k).probe_keep, device=p.device) for k in wrapper.probe]
     past_seq, total = torch.export.Dim("past_sequence", min=0), torch.export.Dim("total_sequence")
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: past_seq} for _ in past])
-    return (ids, mask, pos, past), shapes
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+              [{0: batch, 2: past_seq} for _ in past] + [None for _ in probe])
+    return (ids, mask, pos, past + probe), shapes
+
+
+def _module(model, key: tuple[int, str]):
+    layer = model.model.layers[key[0]]
+    return layer.self_attn if key[1] == "attn" else layer.mlp
 
 
 @contextmanager
@@ -159,9 +207,10 @@ def _quiet_exporter():
         registry.setLevel(level)
 
 
-def _onnx_config(config, dtype: str, opset: int, layers: list[int]) -> dict:
+def _onnx_config(model, dtype: str, opset: int) -> dict:
     """What a runner needs to allocate the cache and name the tensors, without reading the graph."""
-    inputs, outputs = _names(layers)
+    config, layers, probe = model.config, kv_layers(model.config), probe_keys(model)
+    inputs, outputs = _names(layers, probe)
     return {
         "format": 1,
         "model": MODEL_NAME,
@@ -182,4 +231,8 @@ def _onnx_config(config, dtype: str, opset: int, layers: list[int]) -> dict:
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
+        # Probe Pruning: PREFILL_NAME chooses (its outputs end with these indices); MODEL_NAME
+        # then takes them as inputs on every decode step.
+        "probe": {"prefill": PREFILL_NAME, "names": [probe_name(k) for k in probe],
+                  "kept": [_module(model, k).probe_keep for k in probe]} if probe else None,
     }

@@ -8,6 +8,10 @@ the model, adds the special token ids.
 
 On the CUDA execution provider the present tensors stay on the device between steps (I/O
 binding) and only the logits come back to the host; on CPU, plain numpy in and out.
+
+A Probe Pruning export has a second graph, `prefill.onnx`, which runs the first step and also
+returns each probed sublayer's chosen indices; `model.onnx` takes them on every later step, so
+the runner carries them after the KV tensors, exactly like the cache.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ class OnnxRunner:
         self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
         self.session = ort.InferenceSession(str(model_path), sess_options=session_options,
                                             providers=providers or default_providers())
+        # Probe Pruning: a prefill graph chooses each probed sublayer's heads/channels; the step
+        # graph takes those indices on every later step, carried like the KV cache.
+        probe = self.config.get("probe") or {}
+        self.probe_names = list(probe.get("names", []))
+        self.prefill = None if not probe else ort.InferenceSession(
+            str(model_path.with_name(probe["prefill"])), sess_options=session_options,
+            providers=providers or default_providers())
         self.provider = self.session.get_providers()[0]
         self.on_device = self.provider == "CUDAExecutionProvider"
         options = self.session.get_provider_options().get(self.provider, {})
@@ -92,39 +103,48 @@ class OnnxRunner:
         return [np.zeros((batch, h, 0, self.head_dim), dtype=self.dtype) for h in self.kv_heads]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        """(logits [B, T, V] numpy, present): present is flat in `present_names` order, numpy on
-        CPU and OrtValues on the device under CUDA; pass it back as `past` for the next step.
-        `past=None` is an empty cache (prefill); a missing mask means no padding."""
+        """(logits [B, T, V] numpy, present): present is flat in `present_names` order (then, for
+        Probe Pruning, the prefill's chosen indices), numpy on CPU and OrtValues on the device
+        under CUDA; pass it back as `past` for the next step. `past=None` is an empty cache
+        (prefill); a missing mask means no padding."""
         ids = np.asarray(input_ids, dtype=np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
         B, T = ids.shape
-        past = self.empty_past(B) if past is None else list(past)
+        prefill = past is None and self.prefill is not None
+        past = ([] if prefill else self.empty_past(B)) if past is None else list(past)
         if attention_mask is None:
-            attention_mask = np.ones((B, _length(past[0]) + T if past else T), dtype=np.int64)
+            attention_mask = np.ones((B, _length(past[0]) + T if past and self.past_names else T), dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
         if position_ids is None:
             position_ids = positions(mask)[:, mask.shape[1] - T:]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, dtype=np.int64)}
+        session = self.prefill if prefill else self.session
+        carried = [] if prefill else list(zip(self.past_names + self.probe_names, past))
         if self.on_device:
-            return self._run_bound(feeds, past)
-        feeds.update(zip(self.past_names, past))
-        logits, *present = self.session.run(None, feeds)
+            logits, present = self._run_bound(session, feeds, carried)
+        else:
+            feeds.update(carried)
+            logits, *present = session.run(None, feeds)
+        if not prefill and self.probe_names:  # the prefill's choice goes on to the next step
+            present += past[len(self.past_names):]
         return logits, present
 
-    def _run_bound(self, feeds: dict, past: list):
-        """CUDA: KV tensors stay on the device; only logits are copied back."""
-        binding = self.session.io_binding()
+    def _run_bound(self, session, feeds: dict, carried: list):
+        """CUDA: KV tensors (and chosen indices) stay on the device; only logits are copied back."""
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        for name, value in zip(self.past_names, past):
+        for name, value in carried:
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.dtype))
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:
+                dtype = np.int64 if name in self.probe_names else self.dtype
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=dtype))
+        outputs = [o.name for o in session.get_outputs()]
+        binding.bind_output(outputs[0], "cpu")
+        for name in outputs[1:]:
             binding.bind_output(name, "cuda", self.device_id)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), present
 

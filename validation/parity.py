@@ -230,7 +230,8 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
 def onnx_checks(slim, onnx_path: str | Path, dtype: str, ids: torch.Tensor) -> list[Check]:
     """ONNX (onnxruntime) vs slim PyTorch on every available execution provider.
 
-    Both are held against the slim model in float64: onnxruntime may differ from it by at most
+    Both are held against the slim model in float64 (for Probe Pruning, forced to PyTorch's
+choice, which onnxruntime's prefill must repeat index for index): onnxruntime may differ from it by at most
     NOISE_FACTOR times PyTorch's own rounding error at this dtype and depth (a floor from
     ONNX_TOLERANCES), since two correct float32 programs that sum in different orders differ
     by about that much. Greedy tokens must be identical in float32 and are reported in float16.
@@ -251,12 +252,14 @@ def onnx_checks(slim, onnx_path: str | Path, dtype: str, ids: torch.Tensor) -> l
             checks.append(Check("onnx", device, dtype, float("inf"), floor, False, r["error"]))
             continue
         tol = max(floor, NOISE_FACTOR * r["torch_float64_error"])
-        same = r["greedy_tokens_equal"]
+        same = r["greedy_tokens_equal"] and r["probe_indices_equal"]
+        probe = "" if not getattr(slim.model, "probing", False) else (
+            f"; probe indices {'identical' if r['probe_indices_equal'] else 'DIFFER'}")
         checks.append(Check(
             "onnx", device, dtype, r["float64_error"], tol, r["float64_error"] <= tol and (same or dtype != "float32"),
             f"vs float64: PyTorch {dtype} {r['torch_float64_error']:.1e}; vs PyTorch {dtype}: prefill "
             f"{r['prefill_max_abs_diff']:.1e}, decode max {max(r['decode_max_abs_diff']):.1e}; "
-            f"{GENERATION_TOKENS} greedy tokens {'identical' if same else 'DIFFER'}"))
+            f"{GENERATION_TOKENS} greedy tokens {'identical' if r['greedy_tokens_equal'] else 'DIFFER'}{probe}"))
     slim.to("cpu", torch.float32)
     return checks
 
@@ -288,11 +291,22 @@ def _lockstep(slim, runner, ids, steps: int) -> dict:
     caches = (DynamicCache(), DynamicCache())  # full caches: the slim mask handles any sliding window itself
     diffs, onnx_err, torch_err, argmax_equal = [], [], [], True
     nxt, past = ids, None
-    for _ in range(steps + 1):  # prefill, then one token per step
+    probing = getattr(slim.model, "probing", False)
+    same_choice = True
+    for step in range(steps + 1):  # prefill, then one token per step
         x, m = torch.from_numpy(nxt), torch.from_numpy(mask)
         ref = slim(input_ids=x.to(device), attention_mask=m.to(device), cache=caches[0]).logits.double().cpu().numpy()
+        if probing and step == 0:  # float64 follows PyTorch's choice: the diffs measure arithmetic
+            chosen = {k: sel["index"].cpu() for k, sel in caches[0].probe_selection.items()}
+            exact.model.probe_forced = chosen
         ref64 = exact(input_ids=x, attention_mask=m, cache=caches[1]).logits.numpy()
         logits, past = runner.forward(nxt, mask, past=past)
+        if probing and step == 0:
+            from exporters.onnx_export import probe_keys
+
+            onnx_choice = past[len(runner.past_names):]
+            same_choice = len(onnx_choice) == len(chosen) and all(
+                np.array_equal(_numpy(c), chosen[k].numpy()) for k, c in zip(probe_keys(slim), onnx_choice))
         logits = logits.astype(np.float64)
         diffs.append(float(np.abs(logits - ref).max()))
         onnx_err.append(float(np.abs(logits - ref64).max()))
@@ -321,7 +335,14 @@ def _lockstep(slim, runner, ids, steps: int) -> dict:
         "step_argmax_equal": argmax_equal,
         "greedy_tokens_equal": bool(torch_tokens.shape == onnx_tokens.shape and differ.size == 0),
         "greedy_first_mismatch": int(differ[0]) if differ.size else None,
+        "probe_indices_equal": same_choice,  # Probe Pruning: the prefill chose what PyTorch chose
     }
+
+
+def _numpy(value):
+    import onnxruntime as ort
+
+    return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
 def raise_on_failure(checks: list[Check]) -> None:

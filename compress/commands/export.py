@@ -69,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     if args.runtime and not 0.0 < args.runtime_ratio < 1.0:
         raise CompressError(f"--runtime-ratio must be strictly between 0 and 1, got {args.runtime_ratio}")
-    if args.onnx and (args.runtime or args.method == "probe"):
-        raise CompressError("--onnx: ONNX export of Probe Pruning is not supported yet (it runs in PyTorch)")
     out = args.out.resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")

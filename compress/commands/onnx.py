@@ -41,9 +41,6 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
-    if json.loads((folder / "config.json").read_text()).get("probe"):
-        raise CompressError(f"{folder}: ONNX export of a Probe Pruning folder is not supported yet "
-                            "(its run-time selection runs in PyTorch); export without --runtime probe for ONNX")
     slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
     ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
     with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:

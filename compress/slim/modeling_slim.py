@@ -27,8 +27,6 @@ kept counts equal its width is never probed: with nothing to remove, the model i
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,11 +175,18 @@ class SlimAttention(nn.Module):
                 "q_bias": None if bias is None else bias.index_select(0, rows),
                 "o_weight": self.o_proj.weight.index_select(1, rows), "kv_map": self.kv_map.index_select(0, heads)}
 
+    @property
+    def probe_groups(self) -> int:
+        """Groups the kept heads are spread evenly over: the KV groups (contiguous), or one group
+        when each query head has its own KV head (then k/v of a skipped head are still cached)."""
+        return 1 if self.kv_heads == self.heads else self.kv_heads
+
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top heads by channel scores, the same number in every KV group (groups are contiguous)."""
-        per_head = scores.view(self.heads, self.head_dim).pow(2).sum(-1).view(self.kv_heads, -1)
-        top = per_head.topk(self.probe_keep // self.kv_heads, dim=1).indices.sort(dim=1).values
-        return (top + torch.arange(self.kv_heads, device=top.device)[:, None] * per_head.shape[1]).reshape(-1)
+        """Top heads by their channels' scores, the same number in every group."""
+        groups = self.probe_groups
+        per_head = scores.view(self.heads, self.head_dim).pow(2).sum(-1).view(groups, -1)
+        top = per_head.topk(self.probe_keep // groups, dim=1).indices.sort(dim=1).values
+        return (top + torch.arange(groups, device=top.device)[:, None] * per_head.shape[1]).reshape(-1)
 
 
 class SlimMLP(nn.Module):
@@ -279,8 +284,11 @@ class ProbeRun:
         """The probe: top token positions (L2 over the batch), then top samples over those, in order."""
         norms = x.float().norm(dim=-1) * self.token_mask  # [B, T]; padding never probes
         B, T = norms.shape
-        t = max(1, math.ceil(T * self.settings["positions"]))
-        b = max(1, math.floor(B * self.settings["samples"]))
+        # ceil(T * positions) and floor(B * samples), in integers so that an exported graph keeps
+        # them symbolic (shares in units of 1e-4)
+        p, s = round(self.settings["positions"] * 10000), round(self.settings["samples"] * 10000)
+        t = torch.sym_max(1, (T * p + 9999) // 10000)
+        b = torch.sym_max(1, (B * s) // 10000)
         pos = norms.norm(dim=0).topk(t).indices.sort().values
         smp = norms.index_select(1, pos).norm(dim=1).topk(b).indices.sort().values
         return smp, pos
@@ -370,15 +378,17 @@ class SlimModel(SlimPreTrainedModel):
         self.post_init()
 
     def _probe_run(self, cache, past, token_mask, position_ids) -> ProbeRun | None:
-        """Probe state for this pass: the prefill's choice on decode steps, else forced or fresh."""
+        """Probe state for this pass: a forced choice, else the prefill's on decode steps, else fresh."""
         if not self.probing:
             return None
-        selection = getattr(cache, "probe_selection", None) if cache is not None and past else None
-        if selection is None:
+        if self.probe_forced:
             selection = {}
-            for (i, part), index in (self.probe_forced or {}).items():
+            for (i, part), index in self.probe_forced.items():
                 module = self.layers[i].self_attn if part == "attn" else self.layers[i].mlp
                 selection[(i, part)] = module.gather(index.to(token_mask.device))
+        else:
+            selection = (getattr(cache, "probe_selection", None) if cache is not None and past else None) or {}
+        position_ids = position_ids.expand(token_mask.shape)
         return ProbeRun(self.config.probe, token_mask.float(), position_ids, selection)
 
     def _mask(self, attention_mask, past, T, device):
