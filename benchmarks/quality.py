@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
-from compress.probe import build_serving_model, probe_runtime, runtime_ratio  # noqa: E402
+from compress.probe import build_serving_model, probe_flops_share, probe_runtime, runtime_ratio  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from validation.quality import compare, perplexity  # noqa: E402
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             widths = [(len(lp.resolved(g).heads), len(lp.resolved(g).mlp_hidden)) for lp in res.plan.layers]
             note = " ".join(f"{h}/{m}" for h, m in widths)
             if res.plan.runtime:
-                note = (f"probe skips {runtime_ratio(slim.config):.3f} per batch; kept per batch: "
+                note = (f"probe skips {runtime_ratio(slim.config):.3f} per batch, costs "
+                        f"{100 * probe_flops_share(slim.config, args.batch_size, args.seq_len):.1f}% of the FLOPs; kept: "
                         + " ".join(f"{h}/{m}" for h, m in zip(slim.config.layer_probe_heads,
                                                               slim.config.layer_probe_intermediate)))
             rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "

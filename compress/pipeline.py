@@ -86,11 +86,12 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     config = slim_config(model, adapter, plan, replaced)
     if pp is not None:
-        from compress.probe import runtime_ratio
+        from compress.probe import probe_flops_share, runtime_ratio
 
         for key in ("probe", "layer_probe_heads", "layer_probe_intermediate"):
             setattr(config, key, getattr(pp.config, key))
-        extra = {**(extra or {}), "runtime": {**plan.runtime, "achieved_ratio": round(runtime_ratio(config), 4)}}
+        extra = {**(extra or {}), "runtime": {**plan.runtime, "achieved_ratio": round(runtime_ratio(config), 4),
+                                              "probe_flops_share_8x256": round(probe_flops_share(config, 8, 256), 4)}}
         del pp
     config.dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     report = build_report(model, adapter, plan, sd, checks, TOLERANCES, quality=quality, extra=extra)

@@ -26,6 +26,7 @@ from compress.plan import LayerPlan, Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 
 __all__ = ["DEFAULTS", "probe_runtime", "with_probe", "build_serving_model", "probe_counts", "runtime_ratio",
+           "probe_flops_share",
            "probe_state", "full_selection", "random_selection", "selection_plan"]
 
 # positions / samples: the probe's share of token positions and of samples (the paper's 50% / 5%);
@@ -67,6 +68,30 @@ def runtime_ratio(c: SlimConfig) -> float:
     """Share of the static slim model's decoder linear weights a probed batch skips."""
     before = _linear_params(c, c.layer_heads, c.layer_intermediate)
     return 1.0 - _linear_params(c, c.layer_probe_heads, c.layer_probe_intermediate) / before
+
+
+def probe_flops_share(c: SlimConfig, batch: int, seq: int) -> float:
+    """FLOPs of the probe over those of the static model's forward on `batch` x `seq` tokens
+    (multiply-adds x 2 of the linears, the LM head and causal attention; norms and the score
+    arithmetic are left out as negligible)."""
+    p = c.probe
+    t = max(1, -(-seq * round(p["positions"] * 10000) // 10000))
+    b = max(1, batch * round(p["samples"] * 10000) // 10000)
+
+    def attention(n, length, heads):
+        return 2 * n * length * heads * c.head_dim  # QK^T and AV over a causal half, x 2 FLOPs
+
+    full = 2 * batch * seq * (_linear_params(c, c.layer_heads, c.layer_intermediate) + c.vocab_size * c.hidden_size)
+    full += sum(attention(batch * seq, seq, h) for h in c.layer_heads)
+    probe = 0
+    for i in range(c.num_hidden_layers):
+        head, channel = _costs(c, i)
+        if c.layer_probe_heads[i] < c.layer_heads[i]:  # q/k/v on the probe and attention among it
+            qkv = c.layer_attn_in[i] * c.head_dim * (c.layer_heads[i] + 2 * c.layer_kv_heads[i])
+            probe += 2 * b * t * qkv + attention(b * t, t, c.layer_heads[i])
+        if c.layer_probe_intermediate[i] < c.layer_intermediate[i]:  # gate/up on the probe
+            probe += 2 * b * t * c.layer_intermediate[i] * (2 if c.gated_mlp else 1) * c.layer_mlp_in[i]
+    return probe / full
 
 
 def probe_counts(c: SlimConfig, ratio: float, skip_layers: int | None, regular_groups: list[bool]) -> tuple[list[int], list[int]]:

@@ -69,16 +69,28 @@ def probe_keys(slim) -> list[tuple[int, str]]:
             for part, module in (("attn", layer.self_attn), ("mlp", layer.mlp)) if module.probed]
 
 
-def probe_name(key: tuple[int, str]) -> str:
-    return f"probe.{key[0]}.{key[1]}"
+def probe_tensors(slim) -> list[tuple[tuple[int, str], str, torch.Tensor]]:
+    """(sublayer, field, example) of every gathered tensor a step graph takes: what `gather` returns
+    for the kept count (weights and biases of the kept rows/columns, the heads' KV map)."""
+    out = []
+    for key in probe_keys(slim):
+        module = _module(slim, key)
+        example = module.gather(torch.arange(module.probe_keep, device=next(slim.parameters()).device))
+        out += [(key, field, t) for field, t in example.items() if field != "index" and t is not None]
+    return out
+
+
+def probe_name(key: tuple[int, str], field: str | None = None) -> str:
+    return f"probe.{key[0]}.{key[1]}" + (f".{field}" if field else "")
 
 
 class _Exportable(nn.Module):
-    """forward(input_ids, attention_mask, position_ids, [*past, *probe]) -> (logits, *present[, *probe]).
+    """forward(input_ids, attention_mask, position_ids, [*past, *gathered]) -> (logits, *present[, ...]).
 
     "step": past KV tensors in (any length, 0 included), present out; a Probe Pruning model also
-    takes each probed sublayer's kept indices (the prefill's choice). "prefill" (Probe Pruning
-    only): no past; the probe chooses, and the indices come out after the present tensors.
+    takes what its prefill gathered for each probed sublayer (kept weight rows/columns, biases,
+    KV map), so a decode step reads only those. "prefill" (Probe Pruning only): no past; the
+    probe chooses, and after the present tensors come the chosen indices, then the gathered tensors.
     """
 
     def __init__(self, slim: nn.Module, mode: str = "step"):
@@ -86,16 +98,22 @@ class _Exportable(nn.Module):
         self.slim, self.mode = slim, mode
         self.layers = kv_layers(slim.config)
         self.probe = probe_keys(slim)
+        self.tensors = [(key, field) for key, field, _ in probe_tensors(slim)]
 
     def forward(self, input_ids, attention_mask, position_ids, carried: list[torch.Tensor] | None = None):
-        """`carried`: the past KV tensors, then the probe's indices (step mode only)."""
+        """`carried`: the past KV tensors, then the prefill's gathered tensors (step mode only)."""
+        given = None
         if self.mode == "prefill":
-            cache, probe = _FlatCache(None, self.layers), []
+            cache = _FlatCache(None, self.layers)
         else:
             n = 2 * len(self.layers)
-            past, probe = carried[:n], carried[n:]
+            past = carried[:n]
             cache = _FlatCache({i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(self.layers)}, self.layers)
-        self.slim.model.probe_forced = dict(zip(self.probe, probe)) if probe else None
+            if self.probe:
+                given = {key: dict.fromkeys(_FIELDS[key[1]]) for key in self.probe}
+                for (key, field), t in zip(self.tensors, carried[n:]):
+                    given[key][field] = t
+        self.slim.model.probe_forced = given
         try:
             out = self.slim(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True)
@@ -103,8 +121,15 @@ class _Exportable(nn.Module):
             self.slim.model.probe_forced = None
         present = tuple(t for i in self.layers for t in cache.present[i])
         if self.mode == "prefill":
-            return (out.logits, *present, *(cache.probe_selection[k]["index"] for k in self.probe))
+            chosen = cache.probe_selection
+            return (out.logits, *present, *(chosen[k]["index"] for k in self.probe),
+                    *(chosen[k][f] for k, f in self.tensors))
         return (out.logits, *present)
+
+
+# The fields of a gathered selection (see the slim modeling file's `gather`), by sublayer kind.
+_FIELDS = {"attn": ("q_weight", "q_bias", "o_weight", "kv_map"),
+           "mlp": ("gate_weight", "gate_bias", "up_weight", "up_bias", "down_weight")}
 
 
 def _index_add(self, dim: int, index, source, alpha: float = 1.0):
@@ -122,13 +147,14 @@ def _index_add(self, dim: int, index, source, alpha: float = 1.0):
     return op.ScatterElements(self, idx, op.Add(op.GatherElements(self, idx, axis=axis), source), axis=axis)
 
 
-def _names(layers: list[int], probe: list[tuple[int, str]], mode: str = "step") -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    chosen = [probe_name(k) for k in probe]
+def _names(wrapper: _Exportable, mode: str = "step") -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in wrapper.layers for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in wrapper.layers for kv in ("key", "value")]
+    chosen = [probe_name(k) for k in wrapper.probe]
+    gathered = [probe_name(k, f) for k, f in wrapper.tensors]
     if mode == "prefill":
-        return ["input_ids", "attention_mask", "position_ids"], ["logits", *present, *chosen]
-    return ["input_ids", "attention_mask", "position_ids", *past, *chosen], ["logits", *present]
+        return ["input_ids", "attention_mask", "position_ids"], ["logits", *present, *chosen, *gathered]
+    return ["input_ids", "attention_mask", "position_ids", *past, *gathered], ["logits", *present]
 
 
 def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: int | None = None) -> Path:
@@ -148,7 +174,7 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     modes = ["step", "prefill"] if probe_keys(model) else ["step"]
     for mode in modes:
         wrapper = _Exportable(model, mode)
-        inputs, outputs = _names(wrapper.layers, wrapper.probe, mode)
+        inputs, outputs = _names(wrapper, mode)
         args, shapes = _example_inputs(model, wrapper, mode)
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
@@ -180,7 +206,7 @@ def _example_inputs(model, wrapper: _Exportable, mode: str) -> tuple[tuple, tupl
         return (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq})
     past = [torch.zeros(B, config.layer_kv_heads[i], P, config.head_dim, dtype=p.dtype, device=p.device)
             for i in wrapper.layers for _ in range(2)]
-    probe = [torch.arange(_module(model, k).probe_keep, device=p.device) for k in wrapper.probe]
+    probe = [t for _, _, t in probe_tensors(model)]
     past_seq, total = torch.export.Dim("past_sequence", min=0), torch.export.Dim("total_sequence")
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
               [{0: batch, 2: past_seq} for _ in past] + [None for _ in probe])
@@ -209,8 +235,9 @@ def _quiet_exporter():
 
 def _onnx_config(model, dtype: str, opset: int) -> dict:
     """What a runner needs to allocate the cache and name the tensors, without reading the graph."""
-    config, layers, probe = model.config, kv_layers(model.config), probe_keys(model)
-    inputs, outputs = _names(layers, probe)
+    wrapper = _Exportable(model)
+    config, layers, probe = model.config, wrapper.layers, wrapper.probe
+    inputs, outputs = _names(wrapper)
     return {
         "format": 1,
         "model": MODEL_NAME,
@@ -231,8 +258,9 @@ def _onnx_config(model, dtype: str, opset: int) -> dict:
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
-        # Probe Pruning: PREFILL_NAME chooses (its outputs end with these indices); MODEL_NAME
-        # then takes them as inputs on every decode step.
-        "probe": {"prefill": PREFILL_NAME, "names": [probe_name(k) for k in probe],
-                  "kept": [_module(model, k).probe_keep for k in probe]} if probe else None,
+        # Probe Pruning: PREFILL_NAME chooses (its outputs end with these indices, then the
+        # gathered tensors); MODEL_NAME takes the gathered tensors on every later step.
+        "probe": {"prefill": PREFILL_NAME, "indices": [probe_name(k) for k in probe],
+                  "kept": [_module(model, k).probe_keep for k in probe],
+                  "gathered": [probe_name(k, f) for k, f in wrapper.tensors]} if probe else None,
     }

@@ -10,8 +10,9 @@ On the CUDA execution provider the present tensors stay on the device between st
 binding) and only the logits come back to the host; on CPU, plain numpy in and out.
 
 A Probe Pruning export has a second graph, `prefill.onnx`, which runs the first step and also
-returns each probed sublayer's chosen indices; `model.onnx` takes them on every later step, so
-the runner carries them after the KV tensors, exactly like the cache.
+returns each probed sublayer's chosen indices and the weight rows/columns it gathered for them;
+`model.onnx` takes those gathered tensors on every later step (so a decode step reads only the
+kept weights), and the runner carries them after the KV tensors, exactly like the cache.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = ["OnnxRunner", "Generation", "default_providers"]
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP_INPUT_TYPES = {**_NP_DTYPES, "tensor(int64)": np.int64}
 
 
 def default_providers() -> list[str]:
@@ -78,7 +80,9 @@ class OnnxRunner:
         # Probe Pruning: a prefill graph chooses each probed sublayer's heads/channels; the step
         # graph takes those indices on every later step, carried like the KV cache.
         probe = self.config.get("probe") or {}
-        self.probe_names = list(probe.get("names", []))
+        self.probe_index_names = list(probe.get("indices", []))  # the prefill's choice (carried, not fed)
+        self.probe_names = list(probe.get("gathered", []))  # what each later step takes
+        self.input_types = {i.name: _NP_INPUT_TYPES[i.type] for i in self.session.get_inputs()}
         self.prefill = None if not probe else ort.InferenceSession(
             str(model_path.with_name(probe["prefill"])), sess_options=session_options,
             providers=providers or default_providers())
@@ -119,14 +123,15 @@ class OnnxRunner:
             position_ids = positions(mask)[:, mask.shape[1] - T:]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, dtype=np.int64)}
         session = self.prefill if prefill else self.session
-        carried = [] if prefill else list(zip(self.past_names + self.probe_names, past))
+        n, skip = len(self.past_names), len(self.probe_index_names)
+        carried = [] if prefill else list(zip(self.past_names, past[:n])) + list(zip(self.probe_names, past[n + skip:]))
         if self.on_device:
             logits, present = self._run_bound(session, feeds, carried)
         else:
             feeds.update(carried)
             logits, *present = session.run(None, feeds)
         if not prefill and self.probe_names:  # the prefill's choice goes on to the next step
-            present += past[len(self.past_names):]
+            present += past[n:]
         return logits, present
 
     def _run_bound(self, session, feeds: dict, carried: list):
@@ -138,8 +143,7 @@ class OnnxRunner:
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
-                dtype = np.int64 if name in self.probe_names else self.dtype
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=dtype))
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_types[name]))
         outputs = [o.name for o in session.get_outputs()]
         binding.bind_output(outputs[0], "cpu")
         for name in outputs[1:]:

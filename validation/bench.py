@@ -42,15 +42,29 @@ class Speed:
 def bytes_per_token(model, batch: int, context: int) -> int:
     """Weight bytes (read once per step, shared by the batch) plus KV-cache bytes read per step.
 
-    Works for slim models (per-layer KV heads) and stock transformers models alike.
+    Works for slim models (per-layer KV heads, Probe Pruning) and stock transformers models alike.
     """
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - _probe_skipped(model) * elem
     kv_heads = getattr(c, "layer_kv_heads", None) or [c.num_key_value_heads] * c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = sum(2 * n * head_dim * context * elem * batch for n in kv_heads)
     return weights + kv
+
+
+def _probe_skipped(model) -> int:
+    """Weights a Probe Pruning model does not read on a decode step (it reads the prefill's gathered
+    rows and columns instead of q/o and gate/up/down whole); 0 for any other model."""
+    skipped = 0
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if getattr(attn, "probed", False):
+            skipped += (attn.q_proj.weight.numel() + attn.o_proj.weight.numel()) * (1 - attn.probe_keep / attn.heads)
+        if getattr(mlp, "probed", False):
+            whole = sum(getattr(mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n))
+            skipped += whole * (1 - mlp.probe_keep / mlp.width)
+    return int(skipped)
 
 
 @torch.inference_mode()

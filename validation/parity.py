@@ -304,7 +304,8 @@ def _lockstep(slim, runner, ids, steps: int) -> dict:
         if probing and step == 0:
             from exporters.onnx_export import probe_keys
 
-            onnx_choice = past[len(runner.past_names):]
+            n = len(runner.past_names)
+            onnx_choice = past[n:n + len(runner.probe_index_names)]
             same_choice = len(onnx_choice) == len(chosen) and all(
                 np.array_equal(_numpy(c), chosen[k].numpy()) for k, c in zip(probe_keys(slim), onnx_choice))
         logits = logits.astype(np.float64)

@@ -70,7 +70,8 @@ def summary_lines(report: dict) -> list[str]:
     rt = report.get("runtime")
     if rt:
         lines.append(f"run time: Probe Pruning skips {rt['achieved_ratio']:.4f} of the slim model's decoder-layer "
-                     f"linear weights per batch (requested {rt['ratio']}; all weights stay in the files)")
+                     f"linear weights per batch (requested {rt['ratio']}; all weights stay in the files); the probe "
+                     f"costs {100 * rt['probe_flops_share_8x256']:.1f}% of a forward's FLOPs at batch 8 x 256")
     q = report.get("quality") or {}
     if q:
         lines.append(f"quality on {q.get('windows')} held-out windows: perplexity dense {q['dense_ppl']:.2f} -> "

@@ -373,7 +373,8 @@ class SlimModel(SlimPreTrainedModel):
         self.layers = nn.ModuleList(SlimDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config, config.hidden_size)
         self.probing = any(layer.self_attn.probed or layer.mlp.probed for layer in self.layers)
-        # {(layer, "attn" | "mlp"): sorted kept indices}: overrides the probe (parity checks use it).
+        # {(layer, "attn" | "mlp"): sorted kept indices, or their `gather` result}: overrides the
+        # probe (parity checks and the ONNX step graph use it).
         self.probe_forced: dict | None = None
         self.post_init()
 
@@ -383,9 +384,10 @@ class SlimModel(SlimPreTrainedModel):
             return None
         if self.probe_forced:
             selection = {}
-            for (i, part), index in self.probe_forced.items():
+            for (i, part), given in self.probe_forced.items():
                 module = self.layers[i].self_attn if part == "attn" else self.layers[i].mlp
-                selection[(i, part)] = module.gather(index.to(token_mask.device))
+                # indices, or what `gather` returned for them (an ONNX step graph's inputs)
+                selection[(i, part)] = given if isinstance(given, dict) else module.gather(given.to(token_mask.device))
         else:
             selection = (getattr(cache, "probe_selection", None) if cache is not None and past else None) or {}
         position_ids = position_ids.expand(token_mask.shape)
