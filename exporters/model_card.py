@@ -72,9 +72,17 @@ def _intro(report: dict, base: str, base_id: str | None, meta: dict) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items())
     licence = (f"Licence: `{meta['license']}`, carried over from the dense model's card." if "license" in meta
                else "Licence: not known; the dense model's terms apply.")
+    rt = report.get("runtime")
+    if rt:
+        how = (f"On top of the static widths, Probe Pruning picks per batch which MLP channels"
+               f"{' and query heads' if rt.get('heads') else ''} run: a small probe of the batch skips "
+               f"{100 * rt['achieved_ratio']:.1f}% of the decoder-layer linear weights (chosen at prefill and kept "
+               f"for the request's decode steps); those weights stay in the files, so this saves time, not memory.")
+    else:
+        how = "Nothing is masked at run time."
     return (f"Structurally pruned from {origin} with `compress`, method `{report['method']}` (seed "
             f"{report.get('seed')}; {settings}). Whole attention heads and MLP channels are removed, so the weights "
-            f"are smaller and every layer is narrower; nothing is masked at run time.\n\n{licence}")
+            f"are smaller and every layer is narrower. {how}\n\n{licence}")
 
 
 def _size(report: dict, config: dict) -> str:

@@ -11,7 +11,9 @@ Exported with the dynamo exporter (`torch.export`), which keeps the past length 
 deprecated TorchScript exporter is faster but its `index_add` symbolic mishandles dim=-1 (the
 graph fails in onnxruntime). `index_select` becomes `Gather`; `index_add` becomes `GatherElements` + `Add` +
 `ScatterElements` on the hidden axis, instead of torchlib's transpose + `ScatterND` + transpose.
-Weights always go to an external data file (`model.onnx.data`), whatever the model's size.
+Weights always go to an external data file (`model.onnx.data`), whatever the model's size. A
+Probe Pruning model has a second graph, `prefill.onnx`; the step graph then reads the weights it
+shares with it from `prefill.onnx.data`, so no weight is stored twice.
 """
 
 from __future__ import annotations
@@ -184,9 +186,61 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
             )
         program.save(out / (MODEL_NAME if mode == "step" else PREFILL_NAME), external_data=True)
     model.train(training)
-    config = _onnx_config(model, dtype, opset)
+    if len(modes) > 1:
+        _share_weights(out / MODEL_NAME, out / PREFILL_NAME)
+    config = _onnx_config(model, dtype, opset, out)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return out / MODEL_NAME
+
+
+def _external(path: Path):
+    """(model proto, [(initializer, location, offset, length)]) of a graph's external initializers."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    refs = []
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            e = {x.key: x.value for x in init.external_data}
+            refs.append((init, e["location"], int(e.get("offset", 0)), int(e["length"])))
+    return proto, refs
+
+
+def _share_weights(step: Path, prefill: Path) -> None:
+    """Point the step graph's initializers at identical bytes in the prefill graph's data file and
+    rewrite its own data file with the rest only: the two graphs then store each weight once."""
+    import hashlib
+
+    import onnx
+
+    def read(folder, location, offset, length):
+        with open(folder / location, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    folder = step.parent
+    _, prefill_refs = _external(prefill)
+    where = {}
+    for _, location, offset, length in prefill_refs:
+        where.setdefault(hashlib.sha256(read(folder, location, offset, length)).digest(), (location, offset, length))
+    proto, refs = _external(step)
+    own = folder / (step.name + ".data")
+    kept = bytearray()
+    for init, location, offset, length in refs:
+        data = read(folder, location, offset, length)
+        target = where.get(hashlib.sha256(data).digest())
+        if target is None:  # only in the step graph: keep it in its own (compacted) file
+            kept += b"\0" * (-len(kept) % 64)
+            target = (own.name, len(kept), length)
+            kept += data
+        del init.external_data[:]
+        for key, value in zip(("location", "offset", "length"), target):
+            init.external_data.add(key=key, value=str(value))
+    if kept:
+        own.write_bytes(bytes(kept))
+    else:
+        own.unlink()
+    onnx.save(proto, str(step))
 
 
 def _example_inputs(model, wrapper: _Exportable, mode: str) -> tuple[tuple, tuple]:
@@ -233,7 +287,7 @@ def _quiet_exporter():
         registry.setLevel(level)
 
 
-def _onnx_config(model, dtype: str, opset: int) -> dict:
+def _onnx_config(model, dtype: str, opset: int, out: Path) -> dict:
     """What a runner needs to allocate the cache and name the tensors, without reading the graph."""
     wrapper = _Exportable(model)
     config, layers, probe = model.config, wrapper.layers, wrapper.probe
@@ -241,7 +295,7 @@ def _onnx_config(model, dtype: str, opset: int) -> dict:
     return {
         "format": 1,
         "model": MODEL_NAME,
-        "external_data": DATA_NAME,
+        "external_data": sorted(p.name for p in out.glob("*.onnx.data")),  # weight files the graphs read
         "dtype": dtype,
         "opset": opset,
         "vocab_size": config.vocab_size,

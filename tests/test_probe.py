@@ -144,6 +144,8 @@ def test_cli_export_load_generate_validate_onnx(tmp_path, capsys):
     assert main(["onnx", str(out)]) == 0  # its own checks: same indices, logits, 32 greedy tokens
     from exporters.onnx_runner import OnnxRunner
 
+    data = {f.name: f.stat().st_size for f in (out / "onnx").glob("*.onnx.data")}
+    assert sum(data.values()) < 1.05 * data["prefill.onnx.data"]  # the step graph shares the prefill's weights
     runner = OnnxRunner(out / "onnx")
     assert runner.prefill is not None and runner.probe_names
     onnx_tokens = runner.generate(ids.numpy(), max_new_tokens=8, eos_token_id=None).new_ids
