@@ -153,3 +153,21 @@ def test_cli_export_load_generate_validate_onnx(tmp_path, capsys):
     assert main(["export", "--method", "flap", "--ratio", "0.2", "--runtime", "probe", "--runtime-ratio", "1.5",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--runtime-ratio" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_history_moves_only_with_momentum_and_only_where_probed(reference):
+    model, adapter, calib = reference
+    plan = Plan.keep_all(adapter.geometry())
+    static = build_slim_model(model, adapter, plan)
+    for momentum in (None, 0.9):
+        pp = with_probe(static, probe_runtime(0.4, momentum=momentum, history_windows=4), calib)
+        mlp = pp.model.layers[1].mlp
+        before = mlp.probe_history.clone()
+        with torch.no_grad():
+            cache = pp(input_ids=calib[:4, :32], use_cache=True).past_key_values
+        changed = (mlp.probe_history != before).nonzero()
+        if momentum is None:
+            assert changed.numel() == 0  # serving is deterministic by default
+            continue
+        kept = cache.probe_selection[(1, "mlp")]["index"]
+        assert changed.numel() and changed[:, 0].max() < 32 and torch.isin(changed[:, 1], kept).all()
