@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from compress.adapters import Adapter
 
-__all__ = ["ChannelStats", "collect_input_stats", "run_calibration", "model_device"]
+__all__ = ["ChannelStats", "collect_input_stats", "run_calibration", "model_device", "layer_inputs", "run_layer",
+           "StopForward"]
 
 
 @dataclass
@@ -120,4 +121,43 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, calib: torch.Tensor,
     out: list[dict[str, ChannelStats]] = [{} for _ in adapter.layers(model)]
     for (i, name), s in stats.items():
         out[i][name] = s.to("cpu")
+    return out
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8) -> list[tuple]:
+    """(args, kwargs) the first decoder layer receives for each calibration batch: with
+    `run_layer`, a model can be run one layer at a time, each layer once per batch (the
+    masks and position embeddings the decoder computed are reused by every layer)."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise StopForward
+
+    handle = adapter.layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    decoder, device = adapter.decoder(model), model_device(model)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                decoder(input_ids=calib[i:i + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    """The next layer's inputs: `layer` applied to each batch's hidden states, the rest unchanged."""
+    out = []
+    for args, kwargs in inputs:
+        y = layer(*args, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y  # transformers 4.x layers return tuples
+        out.append(((y, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
     return out

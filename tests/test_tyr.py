@@ -11,13 +11,14 @@ from compress.loading import load_model, load_tokenizer
 from compress.methods import METHODS
 from compress.methods.select import resolve_granularity
 from compress.methods.tyr import _Space
-from compress.methods.tyr_obs import (DAMPING, attention_pools, damped_inverse, input_hessian, mlp_pools,
+from compress.calibration import layer_inputs, run_layer
+from compress.methods.tyr_obs import (DAMPING, attention_pools, damped_inverse, layer_hessian, mlp_pools,
                                       progressive_obs)
 from compress.pipeline import prune
 from compress.reference import CALIB_TEXT, TEST_TEXT
 from compress.slimming import build_slim_model
 from compress.textdata import calibration_windows, load_text, token_stream
-from tiny import tiny_model
+from tiny import TINY_CONFIGS, tiny_model
 from validation.parity import run_parity
 from validation.quality import perplexity
 
@@ -39,6 +40,13 @@ def _inputs(model, module, calib) -> torch.Tensor:
     return torch.cat(got).double()
 
 
+def _hessian(model, adapter, index, module, calib, batch_size):
+    inputs = layer_inputs(model, adapter, calib, batch_size)
+    for layer in adapter.layers(model)[:index]:
+        inputs = run_layer(layer, inputs)
+    return layer_hessian(adapter.layers(model)[index], inputs, module)
+
+
 @pytest.mark.parametrize("part", ["down", "o"])
 def test_obs_updates_are_the_least_squares_refit(part, calib):
     model = tiny_model("llama")  # 8 heads in 2 KV groups: "head" units take one head per group
@@ -46,8 +54,8 @@ def test_obs_updates_are_the_least_squares_refit(part, calib):
     g = adapter.geometry()
     mod = getattr(adapter.parts(adapter.layers(model)[1]), part)
     x = _inputs(model, mod, calib)
-    h = input_hessian(model, adapter, mod, calib, batch_size=3)
-    torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-4)
+    h = _hessian(model, adapter, 1, mod, calib, batch_size=3)  # layer by layer from recorded inputs
+    torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-4)  # vs a hook in the whole model's forward
     pools = mlp_pools(g) if part == "down" else attention_pools(g, "head")
     count = pools.units // 2
     ws, order = progressive_obs(mod.weight, damped_inverse(h), pools, [count])
@@ -77,9 +85,9 @@ def test_planted_dead_channel_goes_first(calib):
     with torch.no_grad():
         for layer in adapter.layers(model):
             adapter.parts(layer).down.weight[:, dead] = 0.0
-    for layer in adapter.layers(model):
+    for i, layer in enumerate(adapter.layers(model)):
         down = adapter.parts(layer).down
-        _, order = progressive_obs(down.weight, damped_inverse(input_hessian(model, adapter, down, calib, 8)),
+        _, order = progressive_obs(down.weight, damped_inverse(_hessian(model, adapter, i, down, calib, 8)),
                                    mlp_pools(g), [1])
         assert order == [[dead]]
     plan = METHODS["tyr"](**FAST).prune(model, adapter, 0.05, calib, 0).plan
@@ -142,3 +150,19 @@ def test_tyr_budgets_drive_disp(calib):
     assert any(lp.attn_in is not None for lp in result.plan.layers)  # DISP's residual subsets
     checks = run_parity(model, adapter, result.plan, result.replaced, calib[:3], targets=[("cpu", torch.float64)])
     assert all(c.passed for c in checks), [c.line() for c in checks]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_layer_by_layer_run_matches_the_whole_model(family):
+    """The recorded layer inputs, run one layer at a time, give the hidden states the model's own
+    forward gives (masks and position embeddings reused across layers)."""
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = adapter.decoder(model)(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    inputs = layer_inputs(model, adapter, ids, batch_size=2)
+    for i, layer in enumerate(adapter.layers(model)):
+        got = torch.cat([args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs])
+        torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
+        inputs = run_layer(layer, inputs)

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from compress.loading import resolve_device, resolve_dtype
     from compress.pipeline import prune
     from compress.plan import Plan
+    from compress.probe import build_serving_model
     from compress.slimming import build_slim_model
     from validation.bench import format_table, random_plan, read_bandwidth, torch_speed
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             slims[f"random {args.random_plan}@{ratio}"] = build_slim_model(dense, adapter, random_plan(g, args.random_plan, ratio))
             continue
         result = prune(dense, args.method, ratio, calib)
-        slims[f"{args.method}@{ratio}"] = build_slim_model(dense, adapter, result.plan, result.replaced)
+        slims[f"{args.method}@{ratio}"] = build_serving_model(dense, adapter, result.plan, result.replaced, calib)
 
     shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
     rows = [torch_speed(dense, "stock transformers", **shape)]

@@ -38,7 +38,8 @@ from compress.adapters import Adapter, Geometry
 from compress.masking import replaced_weights
 from compress.methods.base import PruneResult, register
 from compress.methods.select import CalibratedMethod, check_ratio, resolve_granularity
-from compress.methods.tyr_obs import (Pools, attention_pools, damped_inverse, input_hessian, mlp_pools,
+from compress.calibration import layer_inputs, run_layer
+from compress.methods.tyr_obs import (Pools, attention_pools, damped_inverse, layer_hessian, mlp_pools,
                                       progressive_obs)
 from compress.plan import LayerPlan, Plan, linear_params
 
@@ -179,12 +180,26 @@ class Tyr(CalibratedMethod):
             return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + b], use_cache=False).logits.float(), -1)
                               for i in range(0, ids.shape[0], b)])
 
+    def _hessians(self, model, adapter, space: _Space, hess, weights: dict, desc: str):
+        """(i, H of sublayer i's consumer input) in order, with the tensors in `weights` (which the
+        caller extends between steps) in place. The model runs one layer at a time from recorded
+        layer inputs, so the cost is one pass over the model per pass over the sublayers."""
+        inputs = layer_inputs(model, adapter, hess, self.settings["calib_batch_size"])
+        layers = adapter.layers(model)
+        for l, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
+            for i in (2 * l, 2 * l + 1):
+                with replaced_weights(model, weights):
+                    h = layer_hessian(layer, inputs, space.modules[i])
+                yield i, h
+            if l + 1 < len(layers):
+                with replaced_weights(model, weights):
+                    inputs = run_layer(layer, inputs)
+
     def _supernet(self, model, adapter, space: _Space, hess, centres, steps) -> list[dict[int, torch.Tensor]]:
         """Per sublayer {count removed: weight}, built with expectation error accumulation."""
         variants, expected = [], {}
-        for i, mod in enumerate(tqdm(space.modules, desc="tyr supernet", unit="sublayer", leave=False)):
-            with replaced_weights(model, expected):
-                hinv = damped_inverse(input_hessian(model, adapter, mod, hess, self.settings["calib_batch_size"]))
+        for i, h in self._hessians(model, adapter, space, hess, expected, "tyr supernet"):
+            mod, hinv = space.modules[i], damped_inverse(h)
             n, step = space.units(i), steps[i % 2]
             want = [centres[i] + e * step for e in range(-self.settings["levels"], self.settings["levels"] + 1)]
             ws, _ = progressive_obs(mod.weight, hinv, space.pools[i], [c for c in want if 0 <= c <= n])
@@ -239,10 +254,9 @@ class Tyr(CalibratedMethod):
     def _final(self, model, adapter, space: _Space, hess, counts):
         """Prune to `counts`, each sublayer's Hessian from the pruned sublayers before it."""
         weights, orders = {}, []
-        for i, mod in enumerate(space.modules):
-            with replaced_weights(model, weights):
-                hinv = damped_inverse(input_hessian(model, adapter, mod, hess, self.settings["calib_batch_size"]))
-            ws, order = progressive_obs(mod.weight, hinv, space.pools[i], [counts[i]])
+        for i, h in self._hessians(model, adapter, space, hess, weights, "tyr final"):
+            mod = space.modules[i]
+            ws, order = progressive_obs(mod.weight, damped_inverse(h), space.pools[i], [counts[i]])
             orders.append(order)
             if counts[i]:
                 weights[space.names[i]] = ws[counts[i]].to(mod.weight.dtype)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from compress.adapters import Geometry
-from compress.calibration import run_calibration
+from compress.calibration import StopForward
 
-__all__ = ["Pools", "attention_pools", "mlp_pools", "input_hessian", "damped_inverse", "progressive_obs",
+__all__ = ["Pools", "attention_pools", "mlp_pools", "layer_hessian", "damped_inverse", "progressive_obs",
            "DAMPING"]
 
 DAMPING = 0.01  # of the mean diagonal of H, as the paper
@@ -50,27 +50,23 @@ def mlp_pools(g: Geometry) -> Pools:
     return Pools([[[j] for j in range(g.intermediate)]], 1)
 
 
-class _Stop(Exception):
-    pass
-
-
-def input_hessian(model, adapter, module: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """X^T X (float64) of what `module` reads over the calibration tokens. The forward stops at
-    `module`, so layer l costs only the layers up to l."""
+@torch.no_grad()
+def layer_hessian(layer: nn.Module, inputs: list[tuple], module: nn.Module) -> torch.Tensor:
+    """X^T X (float64) of what `module` (inside `layer`) reads, over the layer's recorded inputs
+    (`calibration.layer_inputs` / `run_layer`). The layer's forward stops at `module`."""
     h = torch.zeros(module.in_features, module.in_features, dtype=torch.float64, device=module.weight.device)
 
     def hook(mod, args):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         h.add_((x.T @ x).double())  # float32 products, float64 sums
-        raise _Stop
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
-    decoder = adapter.decoder(model)
     try:
-        for i in range(0, calib.shape[0], batch_size):
+        for args, kwargs in inputs:
             try:
-                run_calibration(decoder, calib[i:i + batch_size], batch_size, progress=False)
-            except _Stop:
+                layer(*args, **kwargs)
+            except StopForward:
                 pass
     finally:
         handle.remove()
