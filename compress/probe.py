@@ -41,7 +41,7 @@ DEFAULTS = {"skip_layers": None, "heads": False, "positions": 0.5, "samples": 0.
 def probe_runtime(ratio: float, **settings) -> dict:
     """The `Plan.runtime` record of Probe Pruning at `ratio`."""
     if not 0.0 < ratio < 1.0:
-        raise CompressError(f"the run-time ratio must be strictly between 0 and 1, got {ratio}")
+        raise CompressError(f"the run-time ratio (--runtime-ratio) must be strictly between 0 and 1, got {ratio}")
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"probe: unknown settings {sorted(unknown)}")

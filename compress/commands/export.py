@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from compress.textdata import calibration_windows, load_text, token_stream
 
     check_ratio(args.ratio)
-    if args.runtime and not 0.0 < args.runtime_ratio < 1.0:
-        raise CompressError(f"--runtime-ratio must be strictly between 0 and 1, got {args.runtime_ratio}")
+    # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
+    runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
+                            heads=args.probe_heads) if args.runtime == "probe" else None
     out = args.out.resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
@@ -86,11 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     t1 = time.perf_counter()
     result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
-    if args.runtime == "probe":
+    if runtime:
         if result.plan.runtime:
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
-        result.plan.runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
-                                            heads=args.probe_heads)
+        result.plan.runtime = runtime
     prune_s = time.perf_counter() - t1
 
     quality = _quality(model, result, tokenizer, args, device, calib.to(device)) if args.eval_windows else {}
