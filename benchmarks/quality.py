@@ -12,6 +12,7 @@ prints it.
                                                    # (flap is pruned once; the runtime variant reuses its plan)
     python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section smollm2 \
         --calib-windows 64 --test-windows 64 --methods magnitude wanda-sp flap disp:steps=400,batch_size=2
+    python benchmarks/quality.py --methods disp --ratios 0.5 --snapshots 100 200 400   # DISP's steps curve
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--snapshots", nargs="+", type=int, default=[],
+                    help="DISP: also score the plan at these training steps (what --steps N gives, from one run)")
     args = ap.parse_args(argv)
 
     methods = load_methods()
@@ -120,6 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     dense = perplexity(model, test_ids, **eval_kw)
 
     rows = [f"| dense | 0 | 0.000 | {dense.perplexity:.2f} | 0 | 1.000 | - | |"]
+
+    def score(label: str, ratio: float, res: PruneResult, seconds: float | str, runtime: float | None) -> None:
+        if runtime is not None:
+            res = PruneResult(copy.deepcopy(res.plan), res.replaced)
+            res.plan.runtime = probe_runtime(runtime)
+        slim = build_serving_model(model, adapter, res.plan, res.replaced, calib)
+        q = compare(slim, model, test_ids, **eval_kw)
+        widths = [(len(lp.resolved(g).heads), len(lp.resolved(g).mlp_hidden)) for lp in res.plan.layers]
+        note = " ".join(f"{h}/{m}" for h, m in widths)
+        if res.plan.runtime:
+            note = (f"probe skips {runtime_ratio(slim.config):.3f} per batch, costs "
+                    f"{100 * probe_flops_share(slim.config, args.batch_size, args.seq_len):.1f}% of the FLOPs; kept: "
+                    + " ".join(f"{h}/{m}" for h, m in zip(slim.config.layer_probe_heads,
+                                                          slim.config.layer_probe_intermediate)))
+        seconds = seconds if isinstance(seconds, str) else f"{seconds:.1f}"
+        rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "
+                    f"| {q.top1_agreement:.3f} | {seconds} | {note} |")
+        print(rows[-1], flush=True)
+
     pruned = {}  # (method, settings, ratio) -> (result, seconds): a variant that only adds `runtime` reuses it
     for name, settings in variants:
         label = name + "".join(f" {k}={v}" for k, v in settings.items())
@@ -129,30 +151,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 key = (name, json.dumps(settings, sort_keys=True), ratio)
                 if key not in pruned:
+                    method = cls(**settings)
+                    if hasattr(method, "snapshot_steps"):
+                        method.snapshot_steps = frozenset(args.snapshots)
                     t0 = time.perf_counter()
-                    res = cls(**settings).prune(model, adapter, ratio, calib if cls.needs_calibration else None,
-                                                args.seed)
+                    res = method.prune(model, adapter, ratio, calib if cls.needs_calibration else None, args.seed)
                     pruned[key] = res, time.perf_counter() - t0
+                    for step, plan in sorted(getattr(method, "snapshots", {}).items()):
+                        score(f"{label} (at step {step})", ratio, PruneResult(plan), "-", runtime)
                 res, seconds = pruned[key]
-                if runtime is not None:
-                    res = PruneResult(copy.deepcopy(res.plan), res.replaced)
-                    res.plan.runtime = probe_runtime(runtime)
-                slim = build_serving_model(model, adapter, res.plan, res.replaced, calib)
-                q = compare(slim, model, test_ids, **eval_kw)
+                score(label, ratio, res, seconds, runtime)
             except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' rows
                 rows.append(f"| {label} | {ratio:g} | - | - | - | - | - | failed: {type(e).__name__}: {e} |")
                 print(rows[-1], file=sys.stderr)
-                continue
-            widths = [(len(lp.resolved(g).heads), len(lp.resolved(g).mlp_hidden)) for lp in res.plan.layers]
-            note = " ".join(f"{h}/{m}" for h, m in widths)
-            if res.plan.runtime:
-                note = (f"probe skips {runtime_ratio(slim.config):.3f} per batch, costs "
-                        f"{100 * probe_flops_share(slim.config, args.batch_size, args.seq_len):.1f}% of the FLOPs; kept: "
-                        + " ".join(f"{h}/{m}" for h, m in zip(slim.config.layer_probe_heads,
-                                                              slim.config.layer_probe_intermediate)))
-            rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "
-                        f"| {q.top1_agreement:.3f} | {seconds:.1f} | {note} |")
-            print(rows[-1], flush=True)
 
     publish(args.results, args.section, [
         f"## Quality on {'the reference model' if args.model == MODEL_DIR else args.model.name}",

@@ -102,6 +102,7 @@ class DISP(Method):
     # layer_targets: kept fraction of each layer's linear weights (e.g. from Týr's search) instead
     # of one global budget; set by `tyr+disp`, not a CLI option.
     defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "layer_targets": None}
+    snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -126,6 +127,12 @@ class DISP(Method):
         gen = torch.Generator().manual_seed(seed)
         hyper = HyperNetwork([w for _ in range(g.num_layers) for _, w in kinds], gen)
         self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps)
+        plan = self._plan(g, hyper, kinds, ratio)
+        plan.settings = {"steps": steps}  # the resolved default, for the record
+        return PruneResult(plan)
+
+    def _plan(self, g: Geometry, hyper: HyperNetwork, kinds, ratio: float) -> Plan:
+        """The hypernetwork's current deterministic masks, corrected to the budget."""
         with torch.no_grad():
             logits = [t.detach().double().cpu() + OFFSET for t in hyper()]
         scores = _by_layer(logits, kinds)
@@ -134,15 +141,14 @@ class DISP(Method):
             keep = select(g, scores, ratio)
         else:  # each layer corrected to its own budget
             keep = [select(g, [layer], 1.0 - t)[0] for layer, t in zip(scores, targets)]
-        plan = build_plan(g, keep)
-        plan.settings = {"steps": steps}  # the resolved default, for the record
-        return PruneResult(plan)
+        return build_plan(g, keep)
 
     def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int) -> None:
         s, g = self.settings, adapter.geometry()
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
         self.trace = []  # (loss, lm loss, kept fraction) per step: how training went
+        self.snapshots = {}  # step -> the plan `--steps step` gives (same seed, constant lr): a steps curve
         hyper.to(device).train()
         opt = torch.optim.AdamW(hyper.parameters(), lr=s["lr"], weight_decay=0.05)
         total = g.num_layers * linear_params(g)
@@ -154,7 +160,7 @@ class DISP(Method):
         ckpt = _checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
         bar = tqdm(range(steps), desc="disp", unit="step", dynamic_ncols=True)
         with _frozen(model), ckpt:
-            for _ in bar:
+            for step in bar:
                 x = next(batches).to(device)
                 soft, hard = [], []
                 for logit in hyper():
@@ -176,6 +182,8 @@ class DISP(Method):
                 opt.step()
                 self.trace.append((loss.item(), lm.item(), kept.item() / total))
                 bar.set_postfix(lm=f"{lm.item():.3f}", kept=f"{kept.item() / total:.3f}")
+                if step + 1 in self.snapshot_steps and step + 1 < steps:
+                    self.snapshots[step + 1] = self._plan(g, hyper, kinds, ratio)
         hyper.eval()
 
 
