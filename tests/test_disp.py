@@ -118,6 +118,19 @@ def test_same_seed_same_plan():
     assert a == _prune(seed=5)[2].to_dict()["layers"]
 
 
+def test_snapshot_is_the_shorter_run():
+    """The plan kept at step k of a longer run is what `--steps k` gives (the benchmarks' steps curve)."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    method = DISP(**{**FAST, "steps": 8})
+    method.snapshot_steps = frozenset({4, 8, 20})
+    last = method.prune(model, adapter, 0.5, _calib(), 0).plan
+    assert sorted(method.snapshots) == [4]  # the last step is the result; steps past the end never come
+    short = DISP(**{**FAST, "steps": 4}).prune(model, adapter, 0.5, _calib(), 0).plan
+    assert method.snapshots[4].to_dict()["layers"] == short.to_dict()["layers"]
+    assert last.to_dict()["layers"] != short.to_dict()["layers"]
+
+
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_slim_equals_masked_dense(family):
     _assert_parity(*_prune(family))
