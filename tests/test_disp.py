@@ -55,9 +55,10 @@ def test_registered_with_cli_options():
     assert METHODS["disp"] is DISP
     parser = argparse.ArgumentParser()
     DISP.add_arguments(parser.add_argument_group("disp"))
-    args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads"])
+    args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads", "--objective", "kl"])
     options = {k: v for k, v in DISP.defaults.items() if k != "layer_targets"}  # set by tyr+disp, no option
-    assert {k: getattr(args, k) for k in options} == {**options, "lam": 4.0, "steps": 7, "prune_heads": True}
+    assert {k: getattr(args, k) for k in options} == {**options, "lam": 4.0, "steps": 7, "prune_heads": True,
+                                                      "objective": "kl"}
     assert not DISP.defaults["prune_heads"]
 
 
@@ -116,6 +117,29 @@ def test_ratio_met_within_one_channel(ratio):
 def test_same_seed_same_plan():
     a = _prune(seed=5)[2].to_dict()["layers"]
     assert a == _prune(seed=5)[2].to_dict()["layers"]
+
+
+def test_kl_objective_distils_the_dense_model():
+    """objective=kl: the masked model is trained towards the dense model's predictions, not the text."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    calib = _calib(8, 16)
+
+    def kl_after(objective):
+        method = DISP(steps=40, batch_size=4, lr=1e-2, objective=objective)
+        plan = method.prune(model, adapter, 0.3, calib, 0).plan
+        with torch.no_grad():
+            dense = model(input_ids=calib).logits.log_softmax(-1)
+            with masked(model, adapter, plan_masks(plan, adapter.geometry())):
+                pruned = model(input_ids=calib).logits.log_softmax(-1)
+        return (dense.exp() * (dense - pruned)).sum(-1).mean().item(), method.trace
+
+    kl, trace = kl_after("kl")
+    assert all(t[1] >= -1e-6 for t in trace)  # a KL, not a cross-entropy (which is ~log(vocab) here)
+    assert trace[0][1] < 0.5 * math.log(4096)
+    assert kl < kl_after("lm")[0]
+    with pytest.raises(ValueError, match="objective"):
+        DISP(objective="mse").prune(model, adapter, 0.3, calib, 0)
 
 
 def test_snapshot_is_the_shorter_run():

@@ -47,6 +47,7 @@ from compress.plan import LayerPlan, Plan, linear_params
 
 __all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
 
+OBJECTIVES = ("lm", "kl")
 KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 GROUPS = "kv_groups"  # one mask per KV group: its query heads and its k/v rows
 FLOOR = {k: 1 for k in KINDS} | {GROUPS: 0}  # KV groups may all go: the attention is then removed
@@ -101,7 +102,8 @@ class DISP(Method):
     needs_calibration = True
     # layer_targets: kept fraction of each layer's linear weights (e.g. from Týr's search) instead
     # of one global budget; set by `tyr+disp`, not a CLI option.
-    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "layer_targets": None}
+    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "objective": "lm",
+                "layer_targets": None}
     snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
 
     @classmethod
@@ -117,10 +119,17 @@ class DISP(Method):
                            help="DISP: calibration windows per training step")
         group.add_argument("--prune-heads", action="store_true",
                            help="DISP: also prune whole KV groups (heads, k/v rows; shrinks the KV cache)")
+        group.add_argument("--objective", choices=OBJECTIVES, default=d["objective"],
+                           help="DISP: what the masks are trained to minimise: lm = next-token cross-entropy on "
+                                "the calibration text (the paper's); kl = KL(dense || pruned) per token, the "
+                                "dense model's own predictions as targets (stays closer to the dense model; "
+                                "one extra forward per step)")
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         if calib is None or calib.dim() != 2 or calib.shape[1] < 2:
             raise ValueError("disp needs calibration token ids of shape [n_samples, seq_len >= 2]")
+        if self.settings["objective"] not in OBJECTIVES:
+            raise ValueError(f"disp objective must be one of {', '.join(OBJECTIVES)}, not {self.settings['objective']!r}")
         g = adapter.geometry()
         kinds = structures(g, self.settings["prune_heads"])
         steps = self.settings["steps"] or default_steps(model, g, self.settings["batch_size"], calib.shape[1])
@@ -162,6 +171,9 @@ class DISP(Method):
         with _frozen(model), ckpt:
             for step in bar:
                 x = next(batches).to(device)
+                if s["objective"] == "kl":
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1).flatten(0, 1)
                 soft, hard = [], []
                 for logit in hyper():
                     a, b = relax(logit, gumbel_noise(logit.numel(), gen).to(device))
@@ -170,7 +182,11 @@ class DISP(Method):
                 with masked(model, adapter, [_layer_masks(g, m) for m in _by_layer(soft, kinds)]), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     out = model(input_ids=x, use_cache=False).logits
-                lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
+                if s["objective"] == "kl":
+                    lm = F.kl_div(out.float().log_softmax(-1).flatten(0, 1), teacher, log_target=True,
+                                  reduction="batchmean")
+                else:
+                    lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
                 per_layer = [_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds)]
                 kept = sum(per_layer)
                 if layer_targets is None:
