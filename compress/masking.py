@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.adapters import Adapter, Geometry
+from compress.adapters import Adapter, Geometry, LayerParts
 from compress.plan import Plan
 
-__all__ = ["LayerMasks", "plan_masks", "masked", "replaced_weights"]
+__all__ = ["LayerMasks", "plan_masks", "masked", "mask_layer", "replaced_weights"]
 
 
 @dataclass
@@ -69,27 +69,35 @@ def masked(model: nn.Module, adapter: Adapter, masks: list[LayerMasks]):
     handles = []
     try:
         for layer, lm in zip(adapter.layers(model), masks):
-            p = adapter.parts(layer)
-            dev = p.q.weight.device
-            def m(t):
-                return None if t is None else t.to(dev)
-            if lm.attn_in is not None:
-                handles.append(p.attn_norm.register_forward_hook(_scale_output(m(lm.attn_in))))
-            if lm.mlp_in is not None:
-                handles.append(p.mlp_norm.register_forward_hook(_scale_output(m(lm.mlp_in))))
-            if lm.heads is not None:
-                per_col = m(lm.heads).repeat_interleave(g.head_dim)
-                handles.append(p.o.register_forward_pre_hook(_scale_input(per_col)))
-            if lm.attn_out is not None:
-                handles.append(p.o.register_forward_hook(_scale_output(m(lm.attn_out))))
-            if lm.mlp_hidden is not None:
-                handles.append(p.down.register_forward_pre_hook(_scale_input(m(lm.mlp_hidden))))
-            if lm.mlp_out is not None:
-                handles.append(p.down.register_forward_hook(_scale_output(m(lm.mlp_out))))
+            handles += mask_layer(adapter.parts(layer), lm, g)
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def mask_layer(p: LayerParts, lm: LayerMasks, g: Geometry) -> list:
+    """Hooks applying one layer's masks (the caller removes the returned handles)."""
+    dev = p.q.weight.device
+
+    def m(t):
+        return None if t is None else t.to(dev)
+
+    handles = []
+    if lm.attn_in is not None:
+        handles.append(p.attn_norm.register_forward_hook(_scale_output(m(lm.attn_in))))
+    if lm.mlp_in is not None:
+        handles.append(p.mlp_norm.register_forward_hook(_scale_output(m(lm.mlp_in))))
+    if lm.heads is not None:
+        per_col = m(lm.heads).repeat_interleave(g.head_dim)
+        handles.append(p.o.register_forward_pre_hook(_scale_input(per_col)))
+    if lm.attn_out is not None:
+        handles.append(p.o.register_forward_hook(_scale_output(m(lm.attn_out))))
+    if lm.mlp_hidden is not None:
+        handles.append(p.down.register_forward_pre_hook(_scale_input(m(lm.mlp_hidden))))
+    if lm.mlp_out is not None:
+        handles.append(p.down.register_forward_hook(_scale_output(m(lm.mlp_out))))
+    return handles
 
 
 @contextmanager

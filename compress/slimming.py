@@ -15,7 +15,8 @@ from compress.plan import Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 from compress.slim import AUTO_MAP
 
-__all__ = ["slim_config", "slim_state_dict", "build_slim_model", "slim_model"]
+__all__ = ["slim_config", "slim_state_dict", "slim_shared_state_dict", "slim_layer_state_dict", "build_slim_model",
+           "slim_model"]
 
 
 class _Weights:
@@ -82,8 +83,16 @@ def slim_config(model, adapter: Adapter, plan: Plan, replaced=None) -> SlimConfi
 
 def slim_state_dict(model, adapter: Adapter, plan: Plan, replaced=None) -> dict[str, torch.Tensor]:
     """The slim model's tensors, named as in `SlimForCausalLM`, contiguous and detached."""
-    g = adapter.geometry()
-    plan.check(g)
+    plan.check(adapter.geometry())
+    w = _Weights(model, replaced)
+    sd = slim_shared_state_dict(model, adapter, replaced)
+    for i, (layer, lp) in enumerate(zip(adapter.layers(model), plan.layers)):
+        sd.update(_layer_tensors(w, adapter, layer, lp, f"model.layers.{i}."))
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def slim_shared_state_dict(model, adapter: Adapter, replaced=None) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, LM head): never pruned."""
     w = _Weights(model, replaced)
     sd: dict[str, torch.Tensor] = {}
     sd["model.embed_tokens.weight"] = w.get(adapter.embed_tokens(model), "weight")
@@ -93,41 +102,50 @@ def slim_state_dict(model, adapter: Adapter, plan: Plan, replaced=None) -> dict[
     _norm(sd, "model.norm", w, adapter.final_norm(model))
     if not model.config.tie_word_embeddings:
         sd["lm_head.weight"] = w.get(model.get_output_embeddings(), "weight")
+    return sd
 
-    for i, (layer, lp) in enumerate(zip(adapter.layers(model), plan.layers)):
-        p, r, pre = adapter.parts(layer), lp.resolved(g), f"model.layers.{i}."
-        dev = p.q.weight.device
-        _norm(sd, pre + "input_layernorm", w, p.attn_norm)
-        _norm(sd, pre + "post_attention_layernorm", w, p.mlp_norm)
-        for field, key in (("attn_in", "attn_in_index"), ("attn_out", "attn_out_index"),
-                           ("mlp_in", "mlp_in_index"), ("mlp_out", "mlp_out_index")):
-            ids = getattr(r, field)
-            if len(ids) < g.hidden:
-                sd[pre + key] = _idx(ids, dev)
-        a_in, a_out = _idx(r.attn_in, dev), _idx(r.attn_out, dev)
-        if r.heads:
-            q_rows = _head_rows(r.heads, g.head_dim, dev)
-            kv_rows = _head_rows(r.kv_heads, g.head_dim, dev)
-            _linear(sd, pre + "self_attn.q_proj", w, p.q, q_rows, a_in)
-            _linear(sd, pre + "self_attn.k_proj", w, p.k, kv_rows, a_in)
-            _linear(sd, pre + "self_attn.v_proj", w, p.v, kv_rows, a_in)
-            _linear(sd, pre + "self_attn.o_proj", w, p.o, a_out, q_rows)
-            kv_pos = {kv: j for j, kv in enumerate(r.kv_heads)}
-            sd[pre + "self_attn.kv_map"] = _idx([kv_pos[h // g.group_size] for h in r.heads], dev)
-            for name, norm in (("q_norm", p.q_norm), ("k_norm", p.k_norm)):
-                if norm is not None:
-                    _norm(sd, pre + "self_attn." + name, w, norm)
-        elif w.get(p.o, "bias") is not None:
-            sd[pre + "self_attn.out_bias"] = w.get(p.o, "bias")[a_out]
-        m_in, m_out, hid = _idx(r.mlp_in, dev), _idx(r.mlp_out, dev), _idx(r.mlp_hidden, dev)
-        if r.mlp_hidden:
-            if p.gate is not None:
-                _linear(sd, pre + "mlp.gate_proj", w, p.gate, hid, m_in)
-            _linear(sd, pre + "mlp.up_proj", w, p.up, hid, m_in)
-            _linear(sd, pre + "mlp.down_proj", w, p.down, m_out, hid)
-        elif w.get(p.down, "bias") is not None:
-            sd[pre + "mlp.out_bias"] = w.get(p.down, "bias")[m_out]
+
+def slim_layer_state_dict(model, adapter: Adapter, plan: Plan, i: int, replaced=None) -> dict[str, torch.Tensor]:
+    """Layer i's slim tensors, named as in `SlimDecoderLayer` (layer-by-layer parity)."""
+    sd = _layer_tensors(_Weights(model, replaced), adapter, adapter.layers(model)[i], plan.layers[i], "")
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _layer_tensors(w: _Weights, adapter: Adapter, layer, lp, pre: str) -> dict[str, torch.Tensor]:
+    g, sd = adapter.geometry(), {}
+    p, r = adapter.parts(layer), lp.resolved(g)
+    dev = p.q.weight.device
+    _norm(sd, pre + "input_layernorm", w, p.attn_norm)
+    _norm(sd, pre + "post_attention_layernorm", w, p.mlp_norm)
+    for field, key in (("attn_in", "attn_in_index"), ("attn_out", "attn_out_index"),
+                       ("mlp_in", "mlp_in_index"), ("mlp_out", "mlp_out_index")):
+        ids = getattr(r, field)
+        if len(ids) < g.hidden:
+            sd[pre + key] = _idx(ids, dev)
+    a_in, a_out = _idx(r.attn_in, dev), _idx(r.attn_out, dev)
+    if r.heads:
+        q_rows = _head_rows(r.heads, g.head_dim, dev)
+        kv_rows = _head_rows(r.kv_heads, g.head_dim, dev)
+        _linear(sd, pre + "self_attn.q_proj", w, p.q, q_rows, a_in)
+        _linear(sd, pre + "self_attn.k_proj", w, p.k, kv_rows, a_in)
+        _linear(sd, pre + "self_attn.v_proj", w, p.v, kv_rows, a_in)
+        _linear(sd, pre + "self_attn.o_proj", w, p.o, a_out, q_rows)
+        kv_pos = {kv: j for j, kv in enumerate(r.kv_heads)}
+        sd[pre + "self_attn.kv_map"] = _idx([kv_pos[h // g.group_size] for h in r.heads], dev)
+        for name, norm in (("q_norm", p.q_norm), ("k_norm", p.k_norm)):
+            if norm is not None:
+                _norm(sd, pre + "self_attn." + name, w, norm)
+    elif w.get(p.o, "bias") is not None:
+        sd[pre + "self_attn.out_bias"] = w.get(p.o, "bias")[a_out]
+    m_in, m_out, hid = _idx(r.mlp_in, dev), _idx(r.mlp_out, dev), _idx(r.mlp_hidden, dev)
+    if r.mlp_hidden:
+        if p.gate is not None:
+            _linear(sd, pre + "mlp.gate_proj", w, p.gate, hid, m_in)
+        _linear(sd, pre + "mlp.up_proj", w, p.up, hid, m_in)
+        _linear(sd, pre + "mlp.down_proj", w, p.down, m_out, hid)
+    elif w.get(p.down, "bias") is not None:
+        sd[pre + "mlp.out_bias"] = w.get(p.down, "bias")[m_out]
+    return sd
 
 
 def _linear(sd, name, w: _Weights, module, rows, cols) -> None:

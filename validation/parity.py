@@ -32,7 +32,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.errors import ParityError
-from compress.masking import masked, plan_masks, replaced_weights
+from compress.masking import mask_layer, masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 
@@ -157,6 +157,87 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
         keep_all = build_slim_model(d, adapter, Plan.keep_all(g))
         checks.append(_check("identity", device, dname, _max_diff(_logits(d, x, m), _logits(keep_all, x, m), m)))
     return checks
+
+
+@torch.no_grad()
+def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,
+                      slim_plan: Plan | None = None) -> Check:
+    """Equivalence one decoder layer at a time, in float64 on CPU: each slim layer == its dense
+    layer masked by the plan, both fed the masked dense model's hidden states at that layer
+    (from the dense model's own first-layer inputs), then the final norm and LM head likewise.
+
+    Only one layer is held in float64 at a time, so this scales to models whose float64 copy
+    does not fit in memory, where `run_parity` cannot run; layer by layer equal functions
+    compose to an equal model. The batch has no padding (padding is `run_parity`'s).
+    """
+    from compress.calibration import layer_inputs
+    from compress.slim.modeling_slim import SlimDecoderLayer, SlimModel, make_norm
+    from compress.slimming import slim_config, slim_layer_state_dict, slim_shared_state_dict
+
+    g = adapter.geometry()
+    plan.check(g)
+    build = slim_plan or plan
+    ids = ids[:2, :48].to(next(dense.parameters()).device)
+    config = slim_config(dense, adapter, build, replaced)
+    with torch.device("meta"):
+        skeleton = SlimModel(config)  # only for its rotary tables and attention mask: no weights
+    (args, kwargs), = layer_inputs(dense, adapter, ids, batch_size=ids.shape[0])
+    x = _cpu64(args[0] if args else kwargs["hidden_states"])
+    args, kwargs = _cpu64(args[1:]), {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
+    B, T = x.shape[:2]
+    cos, sin = skeleton.rotary(torch.arange(T).expand(B, T), x)
+    mask = skeleton._mask(torch.ones(B, T, dtype=torch.long), 0, T, x.device)
+    names = {m: n for n, m in dense.named_modules()}
+    masks = plan_masks(plan, g)
+    worst, where = 0.0, ""
+    for i, layer in enumerate(adapter.layers(dense)):
+        prefix = names[layer] + "."
+        ref = copy.deepcopy(layer).to("cpu", torch.float64)
+        own = {k.removeprefix(prefix): v for k, v in (replaced or {}).items() if k.startswith(prefix)}
+        with torch.device("meta"):
+            slim = SlimDecoderLayer(config, i)
+        slim = _module(slim, slim_layer_state_dict(dense, adapter, build, i, replaced))
+        with replaced_weights(ref, own):
+            handles = mask_layer(adapter.parts(ref), masks[i], g)
+            try:
+                y = ref(x, *args, **kwargs) if args else ref(hidden_states=x, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        y = y[0] if isinstance(y, tuple) else y
+        diff = (slim(x, cos, sin, mask, None) - y).abs().max().item()
+        if diff > worst:
+            worst, where = diff, f"worst at layer {i}"
+        x = y
+        del ref, slim
+    shared = slim_shared_state_dict(dense, adapter, replaced)
+    head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"]).to("cpu", torch.float64)
+    norm = _module(make_norm(config, g.hidden), {k.removeprefix("model.norm."): v for k, v in shared.items()
+                                                 if k.startswith("model.norm.")})
+    ref_norm = copy.deepcopy(adapter.final_norm(dense)).to("cpu", torch.float64)
+    ref_head = dense.get_output_embeddings().weight.to("cpu", torch.float64)
+    diff = (norm(x) @ head.T - ref_norm(x) @ ref_head.T).abs().max().item()
+    if diff > worst:
+        worst, where = diff, "worst at the final norm and LM head"
+    return _check("layers", "cpu", "float64", worst, f"{g.num_layers} layers one at a time; {where or 'all exact'}")
+
+
+def _cpu64(v):
+    """Recorded layer inputs on the CPU, floating tensors in float64 (tuples and lists too)."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cpu64(t) for t in v)
+    if torch.is_tensor(v):
+        return v.to("cpu", torch.float64) if v.is_floating_point() else v.cpu()
+    return v
+
+
+def _module(module, sd: dict[str, torch.Tensor]):
+    """`module` (built on the meta device, or not) holding the tensors of `sd`, in float64 on CPU."""
+    module.load_state_dict({k: _cpu64(v) for k, v in sd.items()}, strict=False, assign=True)
+    missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if missing:
+        raise RuntimeError(f"slim layer left without tensors: {missing[:5]}")
+    return module.to(torch.float64).eval()
 
 
 def probe_checks(pp, dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor) -> list[Check]:

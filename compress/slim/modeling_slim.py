@@ -406,6 +406,15 @@ class SlimModel(SlimPreTrainedModel):
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed[:, None]
 
+    def rotary(self, position_ids, x):
+        """(cos, sin) [B, 1, T, head_dim] in x's dtype, or (None, None) for learned positions."""
+        if self.config.positions == "learned":
+            return None, None
+        freqs = position_ids[:, None, :, None].float() * self.rope_inv_freq.to(x.device)  # [B, 1, T, rope/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.config.rope_attention_scaling
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_hidden_states=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -425,15 +434,9 @@ class SlimModel(SlimPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, past:]
         mask = self._mask(attention_mask, past, T, x.device)
 
-        cos = sin = None
         if self.config.positions == "learned":
             x = x + self.embed_positions(position_ids + self.config.position_offset)
-        else:
-            inv_freq = self.rope_inv_freq.to(x.device)
-            freqs = position_ids[:, None, :, None].float() * inv_freq  # [B, 1, T, rope/2]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            scale = self.config.rope_attention_scaling
-            cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+        cos, sin = self.rotary(position_ids, x)
 
         probe = self._probe_run(cache, past, attention_mask[:, past:], position_ids)
         hidden_states = []
