@@ -18,7 +18,8 @@ from compress.methods import METHODS, PruneResult
 from compress.plan import model_identity
 from compress.slimming import build_slim_model, slim_config, slim_state_dict
 from exporters.hf_folder import REPLACED_FILE, staged_folder, write_model_files, write_weights
-from validation.parity import TOLERANCES, check_files, probe_checks, raise_on_failure, run_parity
+from validation.parity import (TOLERANCES, check_files, equivalence_checks, probe_checks, raise_on_failure,
+                               resolve_scope)
 from validation.report import build_report, write_report
 
 __all__ = ["prune", "export", "check_ratio"]
@@ -52,11 +53,14 @@ def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, s
 
 def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib: torch.Tensor | None = None,
            dtype: torch.dtype | None = None, overwrite: bool = False, check: bool = True,
-           max_shard_size: str | int = "2GB", quality: dict | None = None, extra: dict | None = None) -> dict:
+           max_shard_size: str | int = "2GB", quality: dict | None = None, extra: dict | None = None,
+           parity_scope: str = "auto") -> dict:
     """Write the slim folder (weights, config, modeling code, tokenizer, plan, report) atomically.
 
     With `check`, parity is run first (on `calib` token windows, or random tokens) and a failure
-    raises before anything is written. Returns the report.
+    raises before anything is written; `parity_scope` "model" runs the whole-model checks,
+    "layers" the one-layer-at-a-time check, "auto" the first where its float64 copies fit in
+    memory. Returns the report.
     """
     adapter = get_adapter(model.config)
     g = adapter.geometry()
@@ -70,15 +74,19 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
 
         pp = with_probe(build_slim_model(model, adapter, plan, replaced), plan.runtime, calib)
     checks = []
+    scope = resolve_scope(parity_scope, model)
     if check:
+        if pp is not None and scope == "layers":
+            raise CompressError("Probe Pruning's checks run the whole model in float64; that needs "
+                                "--parity-scope model (and the memory for it)")
         t0 = time.perf_counter()
-        checks = run_parity(model, adapter, plan, replaced, ids)
+        checks = equivalence_checks(model, adapter, plan, replaced, ids, scope)
         if pp is not None:
             checks += probe_checks(pp, model, adapter, plan, replaced, ids)
         for c in checks:
             print("  parity " + c.line())
         raise_on_failure(checks)
-        extra = {**(extra or {}), "parity_seconds": round(time.perf_counter() - t0, 2)}
+        extra = {**(extra or {}), "parity_seconds": round(time.perf_counter() - t0, 2), "parity_scope": scope}
     sd = slim_state_dict(model, adapter, plan, replaced)
     if pp is not None:
         sd.update({k: v for k, v in pp.state_dict().items() if ".probe_" in k})
@@ -102,7 +110,7 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
         plan.save(folder / "plan.json")
         if replaced:
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
-        load = check_files(folder, model, adapter, plan, replaced, sd)
+        load = check_files(folder, model, adapter, plan, replaced, sd, scope)
         print("  parity " + load.line())
         raise_on_failure([load])
         report["parity"].append(load.to_dict())

@@ -70,6 +70,31 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
     assert "files" in capsys.readouterr().err
 
 
+def test_layer_scope_when_float64_copies_do_not_fit(exported, tmp_path, monkeypatch, capsys):
+    """`auto` falls back to the one-layer-at-a-time check when memory is short; it still catches a
+    tampered tensor, and the report says which scope ran."""
+    from validation import parity
+
+    dense, out = exported
+    monkeypatch.setattr(parity, "available_memory", lambda: 1024)
+    small = tmp_path / "small"
+    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(small), *FAST]) == 0
+    report = json.loads((small / "report.json").read_text())
+    assert report["parity_scope"] == "layers"
+    assert [c["name"] for c in report["parity"]] == ["layers", "files"]
+    assert main(["validate", str(small), "--model", str(dense)]) == 0
+    assert "layers one at a time" in capsys.readouterr().out
+    from safetensors.torch import load_file, save_file
+
+    shard = next(small.glob("model*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("self_attn.o_proj.weight"))
+    tensors[name][0, 0] += 1e-3
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert main(["validate", str(small), "--model", str(dense)]) == 2
+    assert "files" in capsys.readouterr().err
+
+
 def test_validate_catches_a_broken_modeling_file(exported, tmp_path, capsys):
     """Same tensors, wrong code: the files check compares with the masked dense model, not with
     a model the same code builds, so it fails."""

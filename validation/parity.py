@@ -8,7 +8,10 @@
                 it (its own modeling file) == the masked dense model, dense weights rounded to
                 the export dtype, both in float64;
 5. onnx:        onnxruntime == slim PyTorch, prefill and every decode step (`onnx_checks`);
-6. probe-*:     Probe Pruning (`probe_checks`): with every head and channel forced, == masked
+6. layers:      each slim decoder layer == its masked dense layer, one layer at a time in float64
+                (`layer_equivalence`): what runs instead of 1-4's model runs when float64 copies
+                of the whole model do not fit in memory (scope "layers"; "auto" decides);
+7. probe-*:     Probe Pruning (`probe_checks`): with every head and channel forced, == masked
                 dense (the static model); with a random choice of the probe's counts forced ==
                 the dense model masked by that choice as a static plan (the gather path); KV-cache
                 greedy == no-cache greedy under the prefill's choice (the decode path);
@@ -36,7 +39,8 @@ from compress.masking import mask_layer, masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 
-__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "Check", "parity_batch", "run_parity",
+__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "SCOPES", "Check", "parity_batch", "run_parity",
+           "resolve_scope", "available_memory", "equivalence_checks", "layer_equivalence",
            "probe_checks", "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
@@ -159,6 +163,41 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
     return checks
 
 
+SCOPES = ("auto", "model", "layers")
+
+
+def resolve_scope(scope: str, dense) -> str:
+    """`auto`: the whole-model checks when their float64 copies (about three of the dense model's
+    size at 8 bytes a parameter) fit in 80% of the available memory, else layer by layer."""
+    if scope not in SCOPES:
+        raise ValueError(f"parity scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if scope != "auto":
+        return scope
+    need = 3 * 8 * sum(p.numel() for p in dense.parameters())
+    return "model" if need <= 0.8 * available_memory() else "layers"
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (Linux MemAvailable; else free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def equivalence_checks(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,
+                       scope: str) -> list[Check]:
+    """`run_parity` (scope "model") or `layer_equivalence` (scope "layers")."""
+    if scope == "layers":
+        return [layer_equivalence(dense, adapter, plan, replaced, ids)]
+    return run_parity(dense, adapter, plan, replaced, ids)
+
+
 @torch.no_grad()
 def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,
                       slim_plan: Plan | None = None) -> Check:
@@ -272,12 +311,14 @@ def probe_checks(pp, dense, adapter: Adapter, plan: Plan, replaced: dict | None,
 
 
 def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replaced: dict | None,
-                expected: dict[str, torch.Tensor]) -> Check:
+                expected: dict[str, torch.Tensor], scope: str = "model") -> Check:
     """The folder holds exactly `expected` (tensor by tensor), and the model transformers builds from
     it with the folder's own modeling file computes what the dense model masked by the plan computes.
 
     Both run in float64 on CPU; the dense weights are first rounded to the export dtype, so a
-    float16 export is held to the same exact standard as a float32 one.
+    float16 export is held to the same exact standard as a float32 one. With scope "layers" (no
+    room for float64 copies of the model) only the tensors are compared: they are the ones the
+    layer-by-layer check ran.
     """
     from transformers import AutoModelForCausalLM
 
@@ -288,6 +329,9 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     problem = weights_differ(Path(folder), expected)
     if problem:
         return Check("files", "cpu", name, float("inf"), TOLERANCES["float64"], False, problem)
+    if scope == "layers":
+        return Check("files", "cpu", name, 0.0, TOLERANCES["float64"], True,
+                     "every tensor identical to the layer-checked slim tensors (model not run: layer scope)")
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float64).eval()
     if getattr(loaded.model, "probing", False):  # Probe Pruning forced to keep everything: the static model
         from compress.probe import full_selection

@@ -31,6 +31,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
 
 
+def add_scope_argument(p: argparse.ArgumentParser) -> None:
+    from validation.parity import SCOPES
+
+    p.add_argument("--parity-scope", choices=SCOPES, default="auto",
+                   help="model: run the whole slim and masked dense models in float64 (needs about three "
+                        "float64 copies of the model in memory); layers: check one decoder layer at a time in "
+                        "float64 (bounded memory; the folder's tensors compared, not run); auto (default): "
+                        "model where it fits in memory, else layers")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="pruning method")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-layer linear weights to remove, in (0, 1)")
@@ -48,6 +58,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-ratio", type=float, default=0.2, help="share skipped per batch by --runtime probe")
     p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
+    add_scope_argument(p)
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
     for name in sorted(METHODS):
@@ -97,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     extra = {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
              else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
     report = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
-                    check=args.check, max_shard_size=args.max_shard_size, quality=quality, extra=extra)
+                    check=args.check, max_shard_size=args.max_shard_size, quality=quality, extra=extra,
+                    parity_scope=args.parity_scope)
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 

@@ -2,7 +2,8 @@
 
 Checks that the plan belongs to the dense model, that the files hold exactly the slim tensors
 the plan gives, that the folder loaded by transformers computes the same logits, and the
-equivalence / identity / generation checks (CPU float32; CUDA float16 and bfloat16 when present).
+equivalence / identity / generation checks (CPU float64; CUDA float16 and bfloat16 when present),
+or, where float64 copies of the model do not fit in memory, each layer on its own (--parity-scope).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from compress.plan import Plan
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from compress.commands.export import add_scope_argument
+
     p.add_argument("folder", type=Path, help="a folder written by `compress export`")
     p.add_argument("--model", default=None, help="the dense model (default: the one recorded in report.json)")
     p.add_argument("--device", default="auto", help="device for the dense model: auto, cpu, cuda")
     p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
+    add_scope_argument(p)
 
 
 def load_export(folder: Path) -> tuple[dict, Plan, dict]:
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from compress.reference import CALIB_TEXT
     from compress.slimming import slim_state_dict
     from compress.textdata import load_text, token_stream, windows
-    from validation.parity import check_files, raise_on_failure, run_parity
+    from validation.parity import check_files, equivalence_checks, raise_on_failure, resolve_scope
 
     folder = args.folder.resolve()
     report, plan, replaced = load_export(folder)
@@ -85,11 +89,14 @@ def run(args: argparse.Namespace) -> int:
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
     if plan.runtime:
         expected.update(probe_tensors(folder, expected))
-    files = check_files(folder, model, adapter, plan, replaced, expected)
+    scope = resolve_scope(args.parity_scope, model)
+    if plan.runtime and scope == "layers":
+        raise CompressError("Probe Pruning's checks run the whole model in float64: use --parity-scope model")
+    files = check_files(folder, model, adapter, plan, replaced, expected, scope)
     del expected
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
-    checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
+    checks = [files, *equivalence_checks(model, adapter, plan, replaced, ids, scope)]
     if plan.runtime:
         from transformers import AutoModelForCausalLM
 
