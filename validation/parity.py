@@ -250,12 +250,14 @@ def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None
         x = y
         del ref, slim
     shared = slim_shared_state_dict(dense, adapter, replaced)
-    head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"]).to("cpu", torch.float64)
+    head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
     norm = _module(make_norm(config, g.hidden), {k.removeprefix("model.norm."): v for k, v in shared.items()
                                                  if k.startswith("model.norm.")})
     ref_norm = copy.deepcopy(adapter.final_norm(dense)).to("cpu", torch.float64)
-    ref_head = dense.get_output_embeddings().weight.to("cpu", torch.float64)
-    diff = (norm(x) @ head.T - ref_norm(x) @ ref_head.T).abs().max().item()
+    ref_head = dense.get_output_embeddings().weight
+    got, want = norm(x), ref_norm(x)
+    diff = max((got @ _cpu64(head[i:i + 8192]).T - want @ _cpu64(ref_head[i:i + 8192]).T).abs().max().item()
+               for i in range(0, head.shape[0], 8192))  # a slice of the vocabulary at a time: bounded memory
     if diff > worst:
         worst, where = diff, "worst at the final norm and LM head"
     return _check("layers", "cpu", "float64", worst, f"{g.num_layers} layers one at a time; {where or 'all exact'}")

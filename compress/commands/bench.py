@@ -5,7 +5,7 @@ Slim models come from exported folders (--slim; their report.json then records t
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
 or are drawn at random in a method's shape (--ratio with --random-plan: uniform, disp,
 disp-heads), which is what a random-weight --shape model wants (speed does not depend on the
-values). --shape llama2-7b builds a model of LLaMA-2-7B shape; --layers shortens it to fit
+values). --shape llama2-7b builds a model of LLaMA-2-7B shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit
 smaller machines. Beside each measured decode speedup: the ideal one (from weight + KV-cache
 bytes read per token), and the share of the machine's measured read bandwidth that decode
 achieves (the roofline). Every engine runs at torch's thread count (--threads).
@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 SHAPES = {
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                        tie_word_embeddings=True),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

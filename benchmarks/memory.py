@@ -1,0 +1,121 @@
+"""Peak host memory of `compress export` against the dense checkpoint's size, in one run.
+
+Writes a random-weight checkpoint of a real model's shape (bfloat16 safetensors; the values do
+not matter for memory), then runs `compress export` on it once per method in a child process
+and reads that child's peak resident set size from the kernel (wait4). A method that the
+machine cannot hold is reported as killed, not hidden. Writes its section of
+benchmarks/RESULTS.md and prints it.
+
+    python benchmarks/memory.py --shape llama3.2-1b
+    python benchmarks/memory.py --shape llama2-7b --methods flap --parity-scope layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from benchmarks.quality import RESULTS, invocation, publish  # noqa: E402
+from compress.commands.bench import SHAPES  # noqa: E402
+
+
+def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.dtype) -> int:
+    """A random-weight Llama of `shape` saved as safetensors with the reference tokenizer; its bytes."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from compress.reference import MODEL_DIR
+
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
+    del model
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def peak_of(cmd: list[str], log: Path) -> tuple[int, float, int]:
+    """(peak RSS bytes, seconds, exit status) of a child process, read with wait4."""
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024, time.perf_counter() - t0, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
+    ap.add_argument("--layers", type=int, default=None, help="shorten the shape to this many layers")
+    ap.add_argument("--methods", nargs="+", default=["flap", "wanda-sp"])
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--parity-scope", default="auto", choices=["auto", "model", "layers"])
+    ap.add_argument("--section", default=None, help="RESULTS.md section (default: memory-SHAPE)")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is written (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="compress-memory-", dir=args.workdir))
+    rows = []
+    try:
+        dense = work / "dense"
+        size = write_checkpoint(args.shape, args.layers, dense, getattr(torch, args.dtype))
+        print(f"checkpoint: {size / 1e9:.2f} GB in {dense}", flush=True)
+        for method in args.methods:
+            name, _, steps = method.partition(":steps=")
+            out = work / f"slim-{name}"
+            cmd = [sys.executable, "-m", "compress.cli", "export", "--model", str(dense), "--method", name,
+                   "--ratio", str(args.ratio), "--dtype", args.dtype, "--out", str(out), "--eval-windows", "0",
+                   "--calib-samples", str(args.calib_samples), "--parity-scope", args.parity_scope,
+                   *(["--steps", steps] if steps else [])]
+            log = work / f"{name}.log"
+            peak, seconds, code = peak_of(cmd, log)
+            if code == 0:
+                outcome = "ok"
+            elif code == -signal.SIGKILL:
+                outcome = "killed (out of memory)"
+            else:
+                outcome = f"failed: {log.read_text().strip().splitlines()[-1][:120]}"
+            rows.append(f"| {method} | {size / 1e9:.2f} | {peak / 1e9:.2f} | {peak / size:.2f} | {seconds:.0f} | {outcome} |")
+            print(rows[-1], flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    shape = SHAPES[args.shape]
+    layers = args.layers or shape["num_hidden_layers"]
+    publish(args.results, args.section or f"memory-{args.shape}", [
+        f"## Peak memory of `compress export`: {args.shape} shape",
+        "",
+        f"Random-weight Llama ({layers} layers, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
+        f"vocab {shape['vocab_size']}) saved in {args.dtype}; `compress export --ratio {args.ratio} --dtype "
+        f"{args.dtype} --calib-samples {args.calib_samples} --parity-scope {args.parity_scope} --eval-windows 0`; "
+        f"peak resident memory of the export process (kernel's maxrss); machine: {os.cpu_count()} cores, "
+        f"{_total_memory() / 2**30:.0f} GiB. Produced by {invocation('memory.py', argv)}.",
+        "",
+        "| method | checkpoint GB | peak GB | peak / checkpoint | seconds | outcome |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])
+    return 0
+
+
+def _total_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
