@@ -81,10 +81,14 @@ def summary_lines(report: dict) -> list[str]:
 
 def write_report(folder: Path, report: dict) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    scope = {"model": "Scope: the whole model (slim vs masked dense, float64 on CPU).",
+             "layers": "Scope: one decoder layer at a time in float64 (the whole-model checks need about three "
+                       "float64 copies of the model); the files compared tensor by tensor."}.get(report.get("parity_scope"), "")
     md = ["# Compression report", "", *[f"- {line}" for line in summary_lines(report)], "",
-          "## Parity", "", "| check | device | dtype | max abs diff | tolerance | result |", "|---|---|---|---|---|---|"]
+          "## Parity", "", *([scope, ""] if scope else []),
+          "| check | device | dtype | max abs diff | tolerance | result | detail |", "|---|---|---|---|---|---|---|"]
     md += [f"| {c['name']} | {c['device']} | {c['dtype']} | {c['max_abs_diff']:.2e} | {c['tolerance']:.0e} | "
-           f"{'pass' if c['passed'] else 'FAIL'} |" for c in report["parity"]]
+           f"{'pass' if c['passed'] else 'FAIL'} | {c.get('detail', '').replace('|', '/')} |" for c in report["parity"]]
     md += ["", "## Layers", "", "| layer | heads | kv heads | mlp hidden | attn in | attn out | mlp in | mlp out |",
            "|---|---|---|---|---|---|---|---|"]
     md += [f"| {i} | {lay['heads']} | {lay['kv_heads']} | {lay['mlp_hidden']} | {lay['attn_in']} | "
