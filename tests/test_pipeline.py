@@ -73,10 +73,10 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
 def test_layer_scope_when_float64_copies_do_not_fit(exported, tmp_path, monkeypatch, capsys):
     """`auto` falls back to the one-layer-at-a-time check when memory is short; it still catches a
     tampered tensor, and the report says which scope ran."""
-    from validation import parity
+    from compress import memory
 
     dense, out = exported
-    monkeypatch.setattr(parity, "available_memory", lambda: 1024)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1024)
     small = tmp_path / "small"
     assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(small), *FAST]) == 0
     report = json.loads((small / "report.json").read_text())

@@ -117,6 +117,26 @@ def test_ratio_budget_and_slim_parity(family, calib):
     assert checks and all(c.passed for c in checks), [c.line() for c in checks]
 
 
+def test_supernet_on_disk_gives_the_same_result(calib, monkeypatch):
+    """Past its memory share the supernet lives in safetensors files: same search, same plan and weights."""
+    from compress.methods import tyr
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    in_memory = METHODS["tyr"](**FAST).prune(model, adapter, 0.5, calib, 0)
+    written = []
+    write = tyr._OnDisk.write.__func__
+    monkeypatch.setattr(tyr._OnDisk, "write", classmethod(lambda cls, path, ws: written.append(path) or
+                                                          write(cls, path, ws)))
+    monkeypatch.setattr(tyr, "SUPERNET_SHARE", 0.0)
+    on_disk = METHODS["tyr"](**FAST).prune(model, adapter, 0.5, calib, 0)
+    assert len(written) == FAST["iterations"] * 2 * model.config.num_hidden_layers
+    assert not any(p.exists() for p in written)  # the spill folder is removed afterwards
+    assert on_disk.plan.to_dict()["layers"] == in_memory.plan.to_dict()["layers"]
+    assert on_disk.replaced.keys() == in_memory.replaced.keys()
+    assert all(torch.equal(on_disk.replaced[k], in_memory.replaced[k]) for k in in_memory.replaced)
+
+
 def test_beats_wanda_sp_on_the_reference_model():
     model, tok = load_model(), load_tokenizer()
     calib = calibration_windows(token_stream(tok, load_text(CALIB_TEXT)), 64, 64)

@@ -40,7 +40,7 @@ from compress.plan import Plan
 from compress.slimming import build_slim_model
 
 __all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "SCOPES", "Check", "parity_batch", "run_parity",
-           "resolve_scope", "available_memory", "equivalence_checks", "layer_equivalence",
+           "resolve_scope", "equivalence_checks", "layer_equivalence",
            "probe_checks", "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
@@ -173,21 +173,10 @@ def resolve_scope(scope: str, dense) -> str:
         raise ValueError(f"parity scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if scope != "auto":
         return scope
+    from compress import memory
+
     need = 3 * 8 * sum(p.numel() for p in dense.parameters())
-    return "model" if need <= 0.8 * available_memory() else "layers"
-
-
-def available_memory() -> int:
-    """Bytes the system can give without swapping (Linux MemAvailable; else free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return "model" if need <= 0.8 * memory.available_memory() else "layers"
 
 
 def equivalence_checks(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,

@@ -7,7 +7,9 @@
    [0, 100%]: a sublayer may be kept whole or removed), built layer by
    layer with expectation error accumulation: the next layer reads the output of the
    density-weighted mean of the variants' weights (o_proj / down_proj are linear, so this is
-   the density-weighted mean of the variants' outputs).
+   the density-weighted mean of the variants' outputs). Variants that would take more than a
+   quarter of the available memory are written to safetensors files in a temporary folder and
+   read back (memory-mapped) when a candidate uses them.
 3. Search: elitist evolution. Offspring apply k = min(U(1,4), U(1,4)) shifts, each making one
    sublayer a level denser and another of the same type a level sparser (levels are whole
    units of the same size, so the removed parameters stay put). Fitness is KL(dense || pruned)
@@ -30,9 +32,15 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from compress import memory
 
 from compress.adapters import Adapter, Geometry
 from compress.masking import replaced_weights
@@ -120,6 +128,28 @@ def _attn_plan(g: Geometry, pools: Pools, c: int) -> LayerPlan:
     return LayerPlan(heads=[h for h in range(g.num_heads) if h not in gone], mlp_hidden=[])
 
 
+SUPERNET_SHARE = 0.25  # of the available memory: beyond it the supernet's variants live on disk
+
+
+class _OnDisk:
+    """One sublayer's variants {count removed: weight} in a safetensors file, read on use (mmap)."""
+
+    def __init__(self, path: Path, counts, device):
+        self.path, self.counts, self.device = path, set(counts), device
+
+    @classmethod
+    def write(cls, path: Path, ws: dict[int, torch.Tensor]) -> _OnDisk:
+        save_file({str(c): w.detach().cpu().contiguous() for c, w in ws.items()}, str(path))
+        return cls(path, ws, next(iter(ws.values())).device)
+
+    def __contains__(self, c) -> bool:
+        return c in self.counts
+
+    def __getitem__(self, c: int) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(str(c)).to(self.device)
+
+
 @register
 class Tyr(CalibratedMethod):
     """Supernet of OBS-pruned sublayers, elitist evolutionary search of per-sublayer sparsity."""
@@ -162,12 +192,13 @@ class Tyr(CalibratedMethod):
         counts = space.uniform(ratio)
         budget = space.removed(counts)
         self.trace = []  # per iteration: (fitness of the best, removed parameters of every offspring scored)
-        for it in range(s["iterations"]):
-            steps = [max(1, round(FIRST_STEP / 2 ** it * space.units(t))) for t in (0, 1)]
-            variants = self._supernet(model, adapter, space, hess, counts, steps)
-            counts, best, scored = self._search(model, space, variants, counts, steps, budget, windows,
-                                                dense, fid, rng, f"tyr {it + 1}/{s['iterations']}")
-            self.trace.append((best, scored))
+        with tempfile.TemporaryDirectory(prefix="tyr-supernet-") as spill:
+            for it in range(s["iterations"]):
+                steps = [max(1, round(FIRST_STEP / 2 ** it * space.units(t))) for t in (0, 1)]
+                variants = self._supernet(model, adapter, space, hess, counts, steps, Path(spill))
+                counts, best, scored = self._search(model, space, variants, counts, steps, budget, windows,
+                                                    dense, fid, rng, f"tyr {it + 1}/{s['iterations']}")
+                self.trace.append((best, scored))
         counts = space.repair(counts, ratio)
         weights, orders = self._final(model, adapter, space, hess, counts)
         plan = Plan(layers=space.layer_plans(orders, counts), method=self.name,
@@ -195,8 +226,16 @@ class Tyr(CalibratedMethod):
                 with replaced_weights(model, weights):
                     inputs = run_layer(layer, inputs)
 
-    def _supernet(self, model, adapter, space: _Space, hess, centres, steps) -> list[dict[int, torch.Tensor]]:
-        """Per sublayer {count removed: weight}, built with expectation error accumulation."""
+    def _supernet(self, model, adapter, space: _Space, hess, centres, steps, spill: Path) -> list:
+        """Per sublayer {count removed: weight}, built with expectation error accumulation.
+
+        When the variants would take more than SUPERNET_SHARE of the available memory, each
+        sublayer's are written to a safetensors file under `spill` and read back when a
+        candidate uses them (`_OnDisk`), so only one model's worth is in memory at a time.
+        """
+        levels = 2 * self.settings["levels"] + 1
+        size = sum(levels * m.weight.numel() * m.weight.element_size() for m in space.modules)
+        on_disk = size > SUPERNET_SHARE * memory.available_memory()
         variants, expected = [], {}
         for i, h in self._hessians(model, adapter, space, hess, expected, "tyr supernet"):
             mod, hinv = space.modules[i], damped_inverse(h)
@@ -206,7 +245,8 @@ class Tyr(CalibratedMethod):
             density = {c: 1.0 - c / n for c in ws}
             mean = sum(d * ws[c] for c, d in density.items()) / max(sum(density.values()), 1e-12)
             expected[space.names[i]] = mean.to(mod.weight.dtype)
-            variants.append({c: w.to(mod.weight.dtype) for c, w in ws.items()})
+            ws = {c: w.to(mod.weight.dtype) for c, w in ws.items()}
+            variants.append(_OnDisk.write(spill / f"sublayer{i}.safetensors", ws) if on_disk else ws)
         return variants
 
     def _search(self, model, space: _Space, variants, counts, steps, budget, windows, dense, fid, rng, desc):
