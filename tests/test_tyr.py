@@ -117,6 +117,30 @@ def test_ratio_budget_and_slim_parity(family, calib):
     assert checks and all(c.passed for c in checks), [c.line() for c in checks]
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_candidates_scored_together_score_as_alone(family, calib):
+    """--candidate-batch: one forward with each candidate's weights on its part of the batch gives
+    each candidate the KL it gets alone (OPT: o_proj / down_proj biases too)."""
+    from compress.methods import tyr
+
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    space = _Space(model, adapter, resolve_granularity("auto", g))
+    gen = torch.Generator().manual_seed(0)
+    variants = [{c: m.weight.detach() * (1 + 0.3 * torch.randn(m.weight.shape, generator=gen)) for c in range(3)}
+                for m in space.modules]
+    cands = [[int(x) for x in torch.randint(0, 3, (len(space.modules),), generator=gen)] for _ in range(5)]
+    windows = calib[:3]
+    method = tyr.Tyr(calib_batch_size=4)
+    dense = method._logprobs(model, windows)
+    alone = method._fitness(model, space, variants, cands, windows, dense)
+    together = tyr.Tyr(calib_batch_size=4, candidate_batch=4)._fitness(model, space, variants, cands, windows, dense)
+    assert len(set(alone)) == 5  # the candidates differ, so a mix-up would show
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert all(m.forward.__func__ is type(m).forward for m in space.modules)  # the modules are restored
+
+
 def test_supernet_on_disk_gives_the_same_result(calib, monkeypatch):
     """Past its memory share the supernet lives in safetensors files: same search, same plan and weights."""
     from compress.methods import tyr
