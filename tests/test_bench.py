@@ -26,10 +26,12 @@ def test_random_plans_have_their_shape_and_ratio(shape, ratio):
     assert abs(plan.ratio(g) - ratio) < 0.02
     layers = [lp.resolved(g) for lp in plan.layers]
     residual_subsets = any(len(lp.attn_in) < g.hidden or len(lp.mlp_out) < g.hidden for lp in layers)
-    assert residual_subsets == (shape != "uniform")
+    assert residual_subsets == shape.startswith("disp")
     assert any(len(lp.kv_heads) < g.num_kv_heads for lp in layers) == (shape == "disp-heads")
     if shape == "uniform":
         assert len({len(lp.heads) for lp in layers}) == 1 and len({len(lp.mlp_hidden) for lp in layers}) == 1
+    if shape == "adaptive":
+        assert len({len(lp.mlp_hidden) for lp in layers}) == g.num_layers  # every layer its own width
 
 
 def test_bytes_per_token_of_stock_model_equals_keep_all_slim():

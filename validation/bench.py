@@ -25,6 +25,7 @@ __all__ = ["Speed", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SH
 # Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
 PLAN_SHAPES = {
     "uniform": "the same query heads per KV group and MLP channels in every layer (magnitude, wanda-sp)",
+    "adaptive": "query heads per KV group and MLP channels that differ from layer to layer (flap, tyr)",
     "disp": "every sublayer reads and writes its own residual subset, MLP channels pruned (DISP)",
     "disp-heads": "disp plus whole KV groups removed (DISP --prune-heads)",
 }
@@ -135,17 +136,22 @@ def random_plan(g, shape: str, ratio: float, seed: int = 0):
 
     from compress.plan import LayerPlan, Plan
 
+    # per-layer scale of the kept fraction: 1 everywhere, or drawn once for the adaptive shape
+    draw = random.Random(seed + 1)
+    scales = [draw.uniform(0.5, 1.5) if shape == "adaptive" else 1.0 for _ in range(g.num_layers)]
+
     def build(f: float) -> Plan:
         rng = random.Random(seed)
-
-        def pick(n: int) -> list[int]:
-            return sorted(rng.sample(range(n), max(1, round(f * n))))
-
         layers = []
-        for _ in range(g.num_layers):
+        for scale in scales:
+            kept = min(1.0, f * scale)
+
+            def pick(n: int) -> list[int]:
+                return sorted(rng.sample(range(n), max(1, round(kept * n))))
+
             lp = LayerPlan(mlp_hidden=pick(g.intermediate))
-            if shape == "uniform":
-                per = max(1, round(f * g.group_size))
+            if shape in ("uniform", "adaptive"):
+                per = max(1, round(kept * g.group_size))
                 lp.heads = [k * g.group_size + h for k in range(g.num_kv_heads) for h in range(per)]
             else:
                 lp.attn_in, lp.attn_out, lp.mlp_in, lp.mlp_out = (pick(g.hidden) for _ in range(4))

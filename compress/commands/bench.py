@@ -3,8 +3,8 @@ dense (keep-all slim) and slim models in PyTorch, and their ONNX graphs in onnxr
 
 Slim models come from exported folders (--slim; their report.json then records the figures,
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
-or are drawn at random in a method's shape (--ratio with --random-plan: uniform, disp,
-disp-heads), which is what a random-weight --shape model wants (speed does not depend on the
+or are drawn at random in a method's shape (--ratio with --random-plan: uniform, adaptive,
+disp, disp-heads), which is what a random-weight --shape model wants (speed does not depend on the
 values). --shape llama2-7b builds a model of LLaMA-2-7B shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit
 smaller machines. Beside each measured decode speedup: the ideal one (from weight + KV-cache
 bytes read per token), and the share of the machine's measured read bandwidth that decode
@@ -31,14 +31,17 @@ SHAPES = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from validation.bench import PLAN_SHAPES
+
     p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of this shape instead")
     p.add_argument("--layers", type=int, default=None, help="with --shape: number of layers")
     p.add_argument("--slim", type=Path, nargs="*", default=[], help="exported slim folders to compare")
     p.add_argument("--ratio", type=float, nargs="*", default=[], help="prune on the fly at these ratios")
     p.add_argument("--method", default="magnitude", help="method for --ratio")
-    p.add_argument("--random-plan", default=None, choices=["uniform", "disp", "disp-heads"],
-                   help="with --ratio: draw plans of this shape at random instead of running --method")
+    p.add_argument("--random-plan", default=None, choices=list(PLAN_SHAPES),
+                   help="with --ratio: draw plans of this shape at random instead of running --method: "
+                        + "; ".join(f"{k}: {v}" for k, v in PLAN_SHAPES.items()))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 on CPU")
