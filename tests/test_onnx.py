@@ -97,6 +97,21 @@ def test_graph_and_config_describe_the_cache(exported):
     assert dims["input_ids"] == ["batch", "sequence"]
 
 
+def test_onnxruntime_fuses_every_rms_norm(exported, tmp_path):
+    """The slim RMSNorm is written so that onnxruntime's optimizer turns each into one kernel."""
+    import onnxruntime as ort
+
+    slim, _, out = exported
+    if slim.config.norm != "rms":
+        pytest.skip("LayerNorm family")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+    # every norm the graph computes (a layer without attention or MLP skips its norm) is fused
+    assert ops["SimplifiedLayerNormalization"] >= slim.config.num_hidden_layers and "ReduceMean" not in ops, ops
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     _, runner, _ = exported
     ids = prompts(batch=1)

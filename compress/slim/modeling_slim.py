@@ -63,7 +63,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt, not x * rsqrt: onnxruntime fuses this form into one SimplifiedLayerNormalization
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
