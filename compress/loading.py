@@ -12,7 +12,7 @@ import torch
 
 from compress.errors import CompressError
 
-__all__ = ["load_model", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
+__all__ = ["load_model", "load_dtype", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,10 +70,35 @@ def _check_local(path: Path) -> None:
         raise CompressError(f"{path}/config.json is corrupt: {e}") from None
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", trust_remote_code: bool = False):
+# a float32 dense model may take this share of the available memory before `auto` holds a model
+# bound for a half-precision export in that precision instead
+FLOAT32_SHARE = 0.5
+
+
+def load_dtype(config, choice: str, export_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to hold the dense model in while pruning: `choice`, or for "auto" float32
+    (calibration statistics and searches in full precision) unless the export is in half
+    precision and the model in float32 would take over FLOAT32_SHARE of the available memory:
+    then the export dtype, since its weights end in it anyway (half the memory)."""
+    if choice != "auto":
+        return resolve_dtype(choice)
+    if export_dtype == torch.float32:
+        return torch.float32
+    from transformers import AutoModelForCausalLM
+
+    from compress.memory import available_memory
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return torch.float32 if 4 * params <= FLOAT32_SHARE * available_memory() else export_dtype
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu", trust_remote_code: bool = False,
+               export_dtype: torch.dtype = torch.float32):
     """A causal LM from a local folder, a Hub id or a GGUF file, in eval mode, refusing pickle weights.
 
+    `dtype` "auto" picks float32 or half precision by the model's size (`load_dtype`).
     trust_remote_code only for folders this project wrote (their config names our modeling code).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,6 +112,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
         raise CompressError(f"cannot load config of {name_or_path or source}: {_first_line(e)}") from None
     if not trust_remote_code:
         get_adapter(config)  # refuse an unsupported family before reading any weights
+    if isinstance(dtype, str):
+        dtype = load_dtype(config, dtype, export_dtype)
     if not kw:
         kw["use_safetensors"] = True
     try:

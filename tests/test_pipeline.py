@@ -140,6 +140,26 @@ def test_half_precision_export_validates_and_a_truncated_shard_is_one_line(tmp_p
     _fails(["validate", str(out), "--model", str(dense)], capsys, "unreadable safetensors file")
 
 
+def test_model_too_big_for_float32_is_held_in_the_export_dtype(tmp_path, monkeypatch, capsys):
+    """--load-dtype auto on a machine short of memory: a bfloat16 export prunes a bfloat16 model,
+    checked layer by layer; a float32 export keeps float32 (no silent rounding)."""
+    from compress import memory
+    from compress.loading import load_dtype
+
+    dense = save_dense(tiny_model("qwen2"), tmp_path / "dense")
+    config = AutoModelForCausalLM.from_pretrained(dense).config
+    assert load_dtype(config, "auto", torch.bfloat16) == torch.float32  # fits: full precision
+    monkeypatch.setattr(memory, "available_memory", lambda: 1024)
+    assert load_dtype(config, "auto", torch.float32) == torch.float32
+    out = tmp_path / "slim"
+    argv = ["--model", str(dense), "--method", "wanda-sp", "--ratio", "0.3", "--out", str(out), "--dtype", "bfloat16"]
+    assert main(["export", *argv, *FAST]) == 0
+    assert "in bfloat16" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity_scope"] == "layers" and all(c["passed"] for c in report["parity"])
+    assert main(["validate", str(out), "--model", str(dense)]) == 0
+
+
 def test_python_api_round_trip(tmp_path):
     from compress import export, prune
     from compress.textdata import windows

@@ -213,7 +213,12 @@ def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None
     x = _cpu64(args[0] if args else kwargs["hidden_states"])
     args, kwargs = _cpu64(args[1:]), {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
     B, T = x.shape[:2]
-    cos, sin = skeleton.rotary(torch.arange(T).expand(B, T), x)
+    positions = torch.arange(T).expand(B, T)
+    cos, sin = skeleton.rotary(positions, x)
+    rotary = getattr(adapter.decoder(dense), "rotary_emb", None)
+    if "position_embeddings" in kwargs and rotary is not None:  # the dense model's own tables, as in float64
+        device = next(dense.parameters()).device
+        kwargs["position_embeddings"] = _cpu64(rotary(x.to(device), positions.to(device)))
     mask = skeleton._mask(torch.ones(B, T, dtype=torch.long), 0, T, x.device)
     names = {m: n for n, m in dense.named_modules()}
     masks = plan_masks(plan, g)

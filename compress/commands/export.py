@@ -24,6 +24,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the exported weights")
+    p.add_argument("--load-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype the dense model is held in while pruning; auto (default): float32, unless --dtype "
+                        "is half precision and the model in float32 would take over half the available memory")
     p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--calib", default=None, help="calibration text file (default: the shipped calibration slice)")
     p.add_argument("--calib-samples", type=int, default=None,
@@ -90,11 +93,12 @@ def run(args: argparse.Namespace) -> int:
         require_token()
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     t0 = time.perf_counter()
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, dtype=args.load_dtype, device=device, export_dtype=dtype)
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
                                 args.calib_samples)
-    print(f"loaded {args.model or 'the reference model'} on {device}; calibration {tuple(calib.shape)} tokens")
+    held = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"loaded {args.model or 'the reference model'} on {device} in {held}; calibration {tuple(calib.shape)} tokens")
 
     t1 = time.perf_counter()
     result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))

@@ -79,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     folder = args.folder.resolve()
     report, plan, replaced = load_export(folder)
     base = args.model or report.get("base_model")
-    model = load_model(None if base in (None, "reference") else base, device=resolve_device(args.device))
+    dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
+    model = load_model(None if base in (None, "reference") else base, dtype="auto", export_dtype=dtype,
+                       device=resolve_device(args.device))
     adapter = get_adapter(model.config)
     plan.check_identity(model_identity(model, adapter.geometry()))
     print(f"plan matches {base or 'the reference model'} ({plan.base.get('fingerprint')})")
-
-    dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
     expected = {k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
     if plan.runtime:
