@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import types
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,7 +179,7 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
         wrapper = _Exportable(model, mode)
         inputs, outputs = _names(wrapper, mode)
         args, shapes = _example_inputs(model, wrapper, mode)
-        with torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter(), _fusable_norms(model):
             program = torch.onnx.export(
                 wrapper.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                 input_names=inputs, output_names=outputs, verbose=False,
@@ -270,6 +271,27 @@ def _example_inputs(model, wrapper: _Exportable, mode: str) -> tuple[tuple, tupl
 def _module(model, key: tuple[int, str]):
     layer = model.model.layers[key[0]]
     return layer.self_attn if key[1] == "attn" else layer.mlp
+
+
+@contextmanager
+def _fusable_norms(model: nn.Module):
+    """RMSNorms traced as x / sqrt(mean(x^2) + eps): onnxruntime fuses that form into one
+    SimplifiedLayerNormalization kernel, but not PyTorch's x * rsqrt(...), which the modeling
+    file keeps because it matches transformers bit for bit (the float64 parity checks need it).
+    Per instance, so a model built from a folder's own copy of the modeling file is covered."""
+    def divided(self, x):
+        dtype = x.dtype
+        x = x.float()
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    try:
+        for m in norms:
+            m.forward = types.MethodType(divided, m)
+        yield
+    finally:
+        for m in norms:
+            m.__dict__.pop("forward", None)
 
 
 @contextmanager

@@ -63,8 +63,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        # x / sqrt, not x * rsqrt: onnxruntime fuses this form into one SimplifiedLayerNormalization
-        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
