@@ -31,13 +31,13 @@ from compress.commands.bench import SHAPES  # noqa: E402
 
 def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.dtype) -> int:
     """A random-weight Llama of `shape` saved as safetensors with the reference tokenizer; its bytes."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from compress.reference import MODEL_DIR
 
     config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # built in `dtype`: no float32 copy
     model.save_pretrained(folder, max_shard_size="2GB")
     AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
     del model
