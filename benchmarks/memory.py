@@ -7,7 +7,7 @@ machine cannot hold is reported as killed, not hidden. Writes its section of
 benchmarks/RESULTS.md and prints it.
 
     python benchmarks/memory.py --shape llama3.2-1b
-    python benchmarks/memory.py --shape llama2-7b --methods flap --parity-scope layers
+    python benchmarks/memory.py --shape llama2-7b --methods flap flap:load-dtype=bfloat16 disp:steps=2
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         size = write_checkpoint(args.shape, args.layers, dense, getattr(torch, args.dtype))
         print(f"checkpoint: {size / 1e9:.2f} GB in {dense}", flush=True)
         for method in args.methods:
-            name, _, steps = method.partition(":steps=")
-            out = work / f"slim-{name}"
+            name, _, options = method.partition(":")  # e.g. flap:load-dtype=bfloat16 or disp:steps=2
+            extra = [a for opt in filter(None, options.split(",")) for a in ("--" + opt.partition("=")[0],
+                                                                            opt.partition("=")[2])]
+            out = work / "slim"
             cmd = [sys.executable, "-m", "compress.cli", "export", "--model", str(dense), "--method", name,
                    "--ratio", str(args.ratio), "--dtype", args.dtype, "--out", str(out), "--eval-windows", "0",
-                   "--calib-samples", str(args.calib_samples), "--parity-scope", args.parity_scope,
-                   *(["--steps", steps] if steps else [])]
+                   "--calib-samples", str(args.calib_samples), "--parity-scope", args.parity_scope, *extra]
             log = work / f"{name}.log"
             peak, seconds, code = peak_of(cmd, log)
             if code == 0:
