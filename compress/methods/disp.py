@@ -202,7 +202,7 @@ class DISP(Method):
                 loss.backward()
                 opt.step()
                 self.trace.append((loss.item(), lm.item(), kept.item() / total))
-                bar.set_postfix(lm=f"{lm.item():.3f}", kept=f"{kept.item() / total:.3f}")
+                bar.set_postfix({s["objective"]: f"{lm.item():.3f}", "kept": f"{kept.item() / total:.3f}"})
                 if step + 1 in self.snapshot_steps and step + 1 < steps:
                     self.snapshots[step + 1] = self._plan(g, hyper, kinds, ratio)
         hyper.eval()
