@@ -145,9 +145,13 @@ class Adapter:
     def final_norm(self, model) -> nn.Module:
         return self.decoder(model).norm
 
+    def rotary_module(self, model) -> nn.Module | None:
+        """The module computing (cos, sin) for the layers, or None for learned positions."""
+        return self.decoder(model).rotary_emb
+
     def rotary(self, model):
         """(inv_freq, attention_scaling) as the dense model computes them, whatever the rope type."""
-        rot = self.decoder(model).rotary_emb
+        rot = self.rotary_module(model)
         return rot.inv_freq.detach().float().clone(), float(getattr(rot, "attention_scaling", 1.0))
 
 
@@ -222,6 +226,9 @@ class OPTAdapter(Adapter):
         if norm is None:
             raise UnsupportedModelError("OPT without a final layer norm is not supported")
         return norm
+
+    def rotary_module(self, model) -> None:
+        return None
 
     def rotary(self, model):
         return None, 1.0

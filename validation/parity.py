@@ -215,7 +215,7 @@ def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None
     B, T = x.shape[:2]
     positions = torch.arange(T).expand(B, T)
     cos, sin = skeleton.rotary(positions, x)
-    rotary = getattr(adapter.decoder(dense), "rotary_emb", None)
+    rotary = adapter.rotary_module(dense)
     if "position_embeddings" in kwargs and rotary is not None:  # the dense model's own tables, as in float64
         device = next(dense.parameters()).device
         kwargs["position_embeddings"] = _cpu64(rotary(x.to(device), positions.to(device)))
