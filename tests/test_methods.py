@@ -137,9 +137,10 @@ def test_flap_bias_compensation_reduces_layer_output_error(tiny, calib):
     g = adapter.geometry()
     res = _prune("flap", model, adapter, 0.5, calib)
     stats = collect_input_stats(model, adapter, calib, progress=False)
-    again = compensation_biases(model, adapter, res.plan, stats)
-    assert again.keys() == res.replaced.keys() and all(torch.equal(again[k], res.replaced[k]) for k in again)
     names = {m: n for n, m in model.named_modules()}
+    again = {k: v for layer, lp, s in zip(adapter.layers(model), res.plan.layers, stats)
+             for k, v in compensation_biases(adapter, layer, names[layer] + ".", lp, s).items()}
+    assert again.keys() == res.replaced.keys() and all(torch.equal(again[k], res.replaced[k]) for k in again)
     layer, lp = adapter.layers(model)[1], res.plan.layers[1]
     down = adapter.parts(layer).down
     captured = []

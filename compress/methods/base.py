@@ -33,6 +33,7 @@ class Method:
     name: str = ""
     needs_calibration: bool = True
     defaults: dict = {}
+    streamable: bool = False  # can prune a model streamed from disk one layer at a time (ScoredMethod)
 
     def __init__(self, **settings):
         unknown = set(settings) - set(self.defaults)

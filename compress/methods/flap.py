@@ -27,8 +27,8 @@ import torch
 
 from compress.adapters import Adapter
 from compress.calibration import ChannelStats
-from compress.methods.base import PruneResult, register
-from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, CalibratedMethod, add_option, check_ratio
+from compress.methods.base import register
+from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, CalibratedMethod, add_option
 from compress.methods.wanda_sp import column_scores
 from compress.plan import Plan
 
@@ -40,29 +40,27 @@ def fluctuation_metric(w: torch.Tensor, s: ChannelStats) -> torch.Tensor:
     return s.var * w.float().pow(2).sum(0, dtype=torch.float64)
 
 
-def compensation_biases(model, adapter: Adapter, plan: Plan, stats: list[dict[str, ChannelStats]]
+def compensation_biases(adapter: Adapter, layer, prefix: str, layer_plan, stats: dict[str, ChannelStats]
                         ) -> dict[str, torch.Tensor]:
-    """bias + W[:, removed] @ mean(x[removed]) for every o_proj / down_proj that lost inputs."""
+    """bias + W[:, removed] @ mean(x[removed]) for one layer's o_proj / down_proj, where they lost
+    inputs, keyed by dense name (`prefix`: the layer's module name and a dot)."""
     g = adapter.geometry()
-    names = {m: n for n, m in model.named_modules()}
+    p, r = adapter.parts(layer), layer_plan.resolved(g)
+    names = {m: n for n, m in layer.named_modules()}
+    kept_cols = (torch.tensor(r.heads, dtype=torch.long)[:, None] * g.head_dim + torch.arange(g.head_dim)).reshape(-1)
     out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for layer, lp, s in zip(adapter.layers(model), plan.layers, stats):
-            p, r = adapter.parts(layer), lp.resolved(g)
-            kept_cols = (torch.tensor(r.heads, dtype=torch.long)[:, None] * g.head_dim
-                         + torch.arange(g.head_dim)).reshape(-1)
-            for mod, st, kept, width in ((p.o, s["o"], kept_cols, g.num_heads * g.head_dim),
-                                         (p.down, s["down"], torch.tensor(r.mlp_hidden, dtype=torch.long),
-                                          g.intermediate)):
-                if len(kept) == width:
-                    continue
-                w = mod.weight
-                mean = st.mean.to(w.device).clone()
-                mean[kept.to(w.device)] = 0.0
-                bias = w.double() @ mean
-                if mod.bias is not None:
-                    bias += mod.bias.double()
-                out[f"{names[mod]}.bias"] = bias.to(w.dtype)
+    for mod, st, kept, width in ((p.o, stats["o"], kept_cols, g.num_heads * g.head_dim),
+                                 (p.down, stats["down"], torch.tensor(r.mlp_hidden, dtype=torch.long),
+                                  g.intermediate)):
+        if len(kept) == width:
+            continue
+        w = mod.weight
+        mean = st.mean.to(w.device).clone()
+        mean[kept.to(w.device)] = 0.0
+        bias = w.double() @ mean
+        if mod.bias is not None:
+            bias += mod.bias.double()
+        out[f"{prefix}{names[mod]}.bias"] = bias.to(w.dtype)
     return out
 
 
@@ -85,11 +83,14 @@ class FLAP(CalibratedMethod):
         add_option(group, "--no-bias-compensation", dest="bias_compensation", action="store_false",
                    help="flap: do not fold the removed channels' mean output into the o_proj/down_proj biases")
 
-    def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
-        check_ratio(ratio)
-        stats = self.input_stats(model, adapter, calib)
-        head, mlp = column_scores(model, adapter, stats, fluctuation_metric)
-        plan = self.plan(adapter.geometry(), head ** 2, mlp, ratio, seed,
-                         allocation=self.settings["allocation"], standardize=self.settings["standardize"])
-        replaced = compensation_biases(model, adapter, plan, stats) if self.settings["bias_compensation"] else {}
-        return PruneResult(plan, replaced)
+    def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        return column_scores(adapter, layer, stats, fluctuation_metric)
+
+    def select_plan(self, g, head_scores, mlp_scores, ratio: float, seed: int) -> Plan:
+        return self.plan(g, head_scores ** 2, mlp_scores, ratio, seed, allocation=self.settings["allocation"],
+                         standardize=self.settings["standardize"])
+
+    def layer_replaced(self, adapter: Adapter, layer, prefix: str, layer_plan, stats) -> dict[str, torch.Tensor]:
+        if not self.settings["bias_compensation"]:
+            return {}
+        return compensation_biases(adapter, layer, prefix, layer_plan, stats)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from compress.adapters import Adapter
-from compress.methods.base import PruneResult, register
-from compress.methods.select import ScoredMethod, check_ratio
+from compress.methods.base import register
+from compress.methods.select import ScoredMethod
 
 __all__ = ["Magnitude", "magnitude_scores"]
 
@@ -20,22 +20,17 @@ def _rows_sq(w: torch.Tensor, n: int) -> torch.Tensor:
     return w.float().pow(2).reshape(n, -1).sum(1, dtype=torch.float64)
 
 
-def magnitude_scores(model, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head scores [L, num_heads], MLP channel scores [L, intermediate]), float64 on the CPU."""
+def magnitude_scores(adapter: Adapter, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (head scores [num_heads], MLP channel scores [intermediate]), float64 on the CPU."""
     g = adapter.geometry()
-    heads, mlp = [], []
-    with torch.no_grad():
-        for layer in adapter.layers(model):
-            p = adapter.parts(layer)
-            kv = _rows_sq(p.k.weight, g.num_kv_heads) + _rows_sq(p.v.weight, g.num_kv_heads)
-            h = (_rows_sq(p.q.weight, g.num_heads) + _rows_sq(p.o.weight.t(), g.num_heads)
-                 + kv.repeat_interleave(g.group_size))
-            m = _rows_sq(p.up.weight, g.intermediate) + _rows_sq(p.down.weight.t(), g.intermediate)
-            if p.gate is not None:
-                m = m + _rows_sq(p.gate.weight, g.intermediate)
-            heads.append(h.sqrt().cpu())
-            mlp.append(m.sqrt().cpu())
-    return torch.stack(heads), torch.stack(mlp)
+    p = adapter.parts(layer)
+    kv = _rows_sq(p.k.weight, g.num_kv_heads) + _rows_sq(p.v.weight, g.num_kv_heads)
+    h = (_rows_sq(p.q.weight, g.num_heads) + _rows_sq(p.o.weight.t(), g.num_heads)
+         + kv.repeat_interleave(g.group_size))
+    m = _rows_sq(p.up.weight, g.intermediate) + _rows_sq(p.down.weight.t(), g.intermediate)
+    if p.gate is not None:
+        m = m + _rows_sq(p.gate.weight, g.intermediate)
+    return h.sqrt().cpu(), m.sqrt().cpu()
 
 
 @register
@@ -45,7 +40,5 @@ class Magnitude(ScoredMethod):
     name = "magnitude"
     needs_calibration = False
 
-    def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
-        check_ratio(ratio)
-        head, mlp = magnitude_scores(model, adapter)
-        return PruneResult(self.plan(adapter.geometry(), head, mlp, ratio, seed))
+    def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        return magnitude_scores(adapter, layer)

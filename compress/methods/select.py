@@ -27,7 +27,7 @@ import math
 import torch
 
 from compress.adapters import Geometry
-from compress.methods.base import Method
+from compress.methods.base import Method, PruneResult
 from compress.plan import LayerPlan, Plan, linear_params
 
 __all__ = ["select", "check_ratio", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod",
@@ -205,9 +205,14 @@ def add_option(group: argparse._ArgumentGroup, *flags: str, **kwargs) -> None:
 
 
 class ScoredMethod(Method):
-    """A method that scores heads and MLP channels and lets `select` turn scores into a plan."""
+    """A method that scores each layer's heads and MLP channels and lets `select` turn the scores
+    into a plan. The work is split per layer (`layer_scores`, `layer_replaced`) so the same
+    method runs on a model held in memory (`prune`) or streamed from disk one layer at a time
+    (compress/streaming.py): both paths compute the same numbers in the same order."""
 
     defaults = {"head_granularity": "auto"}
+    stats_parts: tuple[str, ...] = ()  # LayerParts whose input statistics `layer_scores` reads
+    streamable = True
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -215,6 +220,36 @@ class ScoredMethod(Method):
                    choices=("auto", *GRANULARITIES),
                    help="GQA head pruning unit (magnitude, wanda-sp, flap, tyr): whole KV groups, or query "
                         "heads evenly within every group; auto = group with >= 4 KV groups, else head")
+
+    def layer_scores(self, adapter, layer, stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head scores [num_heads] or [num_heads, k], MLP channel scores [intermediate]) of one
+        layer, float64 on the CPU; `stats` holds the layer's `stats_parts` input statistics."""
+        raise NotImplementedError
+
+    def select_plan(self, g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor, ratio: float,
+                    seed: int) -> Plan:
+        return self.plan(g, head_scores, mlp_scores, ratio, seed)
+
+    def layer_replaced(self, adapter, layer, prefix: str, layer_plan: LayerPlan, stats: dict | None
+                       ) -> dict[str, torch.Tensor]:
+        """Tensors of one layer the method rewrites once the plan is known, keyed by dense name
+        (`prefix` is the layer's module name with a trailing dot)."""
+        return {}
+
+    def prune(self, model, adapter, ratio: float, calib, seed: int) -> PruneResult:
+        check_ratio(ratio)
+        layers = adapter.layers(model)
+        stats = self.input_stats(model, adapter, calib) if self.stats_parts else [None] * len(layers)
+        with torch.no_grad():
+            scores = [self.layer_scores(adapter, layer, s) for layer, s in zip(layers, stats)]
+        plan = self.select_plan(adapter.geometry(), torch.stack([h for h, _ in scores]),
+                                torch.stack([m for _, m in scores]), ratio, seed)
+        names = {m: n for n, m in model.named_modules()}
+        replaced: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for layer, lp, s in zip(layers, plan.layers, stats):
+                replaced.update(self.layer_replaced(adapter, layer, names[layer] + ".", lp, s))
+        return PruneResult(plan, replaced)
 
     def plan(self, g: Geometry, head_scores: torch.Tensor, mlp_scores: torch.Tensor, ratio: float,
              seed: int, allocation: str = "uniform", standardize: str = "layer") -> Plan:
@@ -230,6 +265,7 @@ class CalibratedMethod(ScoredMethod):
 
     needs_calibration = True
     defaults = {**ScoredMethod.defaults, "calib_batch_size": 8}
+    stats_parts = ("o", "down")
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -240,4 +276,4 @@ class CalibratedMethod(ScoredMethod):
     def input_stats(self, model, adapter, calib):
         from compress.calibration import collect_input_stats
 
-        return collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"])
+        return collect_input_stats(model, adapter, calib, self.settings["calib_batch_size"], parts=self.stats_parts)

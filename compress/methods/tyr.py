@@ -176,6 +176,7 @@ class Tyr(CalibratedMethod):
     """Supernet of OBS-pruned sublayers, elitist evolutionary search of per-sublayer sparsity."""
 
     name = "tyr"
+    streamable = False  # its supernet search runs the whole model
     defaults = {**CalibratedMethod.defaults, "levels": 4, "iterations": 3, "generations": 6, "offspring": 16,
                 "fidelity_windows": [1, 4, 16], "hessian_windows": 64, "candidate_batch": None}
 

@@ -9,28 +9,22 @@ each layer the outputs of the layers it already pruned (a sequential variant not
 
 from __future__ import annotations
 
-
 import torch
 
 from compress.adapters import Adapter
-from compress.methods.base import PruneResult, register
-from compress.methods.select import CalibratedMethod, check_ratio
+from compress.methods.base import register
+from compress.methods.select import CalibratedMethod
 
 __all__ = ["WandaSP", "column_scores"]
 
 
-def column_scores(model, adapter: Adapter, stats, metric) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `metric(weight, channel_stats) -> [in_features]` to every o_proj / down_proj
-    -> (o_proj columns per head [L, num_heads, head_dim], MLP [L, intermediate]) on the CPU."""
+def column_scores(adapter: Adapter, layer, stats, metric) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `metric(weight, channel_stats) -> [in_features]` to one layer's o_proj / down_proj
+    -> (o_proj columns per head [num_heads, head_dim], MLP [intermediate]) on the CPU."""
     g = adapter.geometry()
-    heads, mlp = [], []
-    with torch.no_grad():
-        for layer, s in zip(adapter.layers(model), stats):
-            p = adapter.parts(layer)
-            o = metric(p.o.weight, s["o"].to(p.o.weight.device)).cpu()
-            heads.append(o.reshape(g.num_heads, g.head_dim))
-            mlp.append(metric(p.down.weight, s["down"].to(p.down.weight.device)).cpu())
-    return torch.stack(heads), torch.stack(mlp)
+    p = adapter.parts(layer)
+    o = metric(p.o.weight, stats["o"].to(p.o.weight.device)).cpu()
+    return o.reshape(g.num_heads, g.head_dim), metric(p.down.weight, stats["down"].to(p.down.weight.device)).cpu()
 
 
 def wanda_metric(w: torch.Tensor, s) -> torch.Tensor:
@@ -43,8 +37,5 @@ class WandaSP(CalibratedMethod):
 
     name = "wanda-sp"
 
-    def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
-        check_ratio(ratio)
-        stats = self.input_stats(model, adapter, calib)
-        head, mlp = column_scores(model, adapter, stats, wanda_metric)
-        return PruneResult(self.plan(adapter.geometry(), head, mlp, ratio, seed))
+    def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        return column_scores(adapter, layer, stats, wanda_metric)
