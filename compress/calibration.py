@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from compress.adapters import Adapter
 
-__all__ = ["ChannelStats", "collect_input_stats", "run_calibration", "model_device", "layer_inputs", "run_layer",
+__all__ = ["ChannelStats", "collect_input_stats", "layer_input_stats", "run_calibration", "model_device", "layer_inputs", "run_layer",
            "StopForward"]
 
 
@@ -122,6 +122,19 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, calib: torch.Tensor,
     for (i, name), s in stats.items():
         out[i][name] = s.to("cpu")
     return out
+
+
+def layer_input_stats(adapter: Adapter, layer: nn.Module, inputs: list[tuple], parts: Sequence[str]
+                      ) -> tuple[dict[str, ChannelStats], list[tuple]]:
+    """`collect_input_stats` for one layer fed `inputs` (from `layer_inputs` / `run_layer`):
+    (its stats on the CPU, the next layer's inputs). Same sums in the same order as the
+    whole-model pass, so a streamed model gets bit-identical statistics."""
+    lp = adapter.parts(layer)
+    modules = {(0, name): getattr(lp, name) for name in parts}
+    stats = {key: ChannelStats.empty(m.in_features, m.weight.device) for key, m in modules.items()}
+    with _input_hooks(modules, stats):
+        out = run_layer(layer, inputs)
+    return {name: s.to("cpu") for (_, name), s in stats.items()}, out
 
 
 class StopForward(Exception):

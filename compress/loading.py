@@ -12,7 +12,7 @@ import torch
 
 from compress.errors import CompressError
 
-__all__ = ["load_model", "load_dtype", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
+__all__ = ["load_model", "load_dtype", "dense_params", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,13 +84,17 @@ def load_dtype(config, choice: str, export_dtype: torch.dtype) -> torch.dtype:
         return resolve_dtype(choice)
     if export_dtype == torch.float32:
         return torch.float32
-    from transformers import AutoModelForCausalLM
-
     from compress.memory import available_memory
 
+    return torch.float32 if 4 * dense_params(config) <= FLOAT32_SHARE * available_memory() else export_dtype
+
+
+def dense_params(config) -> int:
+    """Parameters of the model a config describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    return torch.float32 if 4 * params <= FLOAT32_SHARE * available_memory() else export_dtype
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,

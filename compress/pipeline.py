@@ -22,7 +22,7 @@ from validation.parity import (TOLERANCES, check_files, equivalence_checks, prob
                                resolve_scope)
 from validation.report import build_report, write_report
 
-__all__ = ["prune", "export", "check_ratio"]
+__all__ = ["prune", "export", "check_ratio", "record"]
 
 
 def check_ratio(ratio: float) -> float:
@@ -44,11 +44,15 @@ def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, s
     torch.manual_seed(seed)
     result = m.prune(model, adapter, ratio, calib if m.needs_calibration else None, seed)
     g = adapter.geometry()
-    plan = result.plan
-    plan.check(g)
-    plan.base = model_identity(model, g)
-    plan.method, plan.settings, plan.seed = method, {"ratio": ratio, **m.settings, **plan.settings}, seed
+    result.plan.check(g)
+    record(result.plan, model_identity(model, g), method, ratio, m, seed)
     return result
+
+
+def record(plan, identity: dict, method: str, ratio: float, m, seed: int) -> None:
+    """Stamp a plan with the model it was made for and the settings that made it."""
+    plan.base = identity
+    plan.method, plan.settings, plan.seed = method, {"ratio": ratio, **m.settings, **plan.settings}, seed
 
 
 def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib: torch.Tensor | None = None,
@@ -74,7 +78,7 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
 
         pp = with_probe(build_slim_model(model, adapter, plan, replaced), plan.runtime, calib)
     checks = []
-    scope = resolve_scope(parity_scope, model)
+    scope = resolve_scope(parity_scope, sum(p.numel() for p in model.parameters()))
     if check:
         if pp is not None and scope == "layers":
             raise CompressError("Probe Pruning's checks run the whole model in float64; that needs "

@@ -17,7 +17,7 @@ import torch
 from compress.adapters import Geometry
 from compress.errors import PlanMismatchError
 
-__all__ = ["LayerPlan", "Plan", "model_identity", "linear_params"]
+__all__ = ["LayerPlan", "Plan", "model_identity", "tensor_digest", "linear_params"]
 
 PLAN_VERSION = 1
 RESIDUAL_FIELDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -61,19 +61,19 @@ def linear_params(g: Geometry, lp: LayerPlan | None = None) -> int:
     return attn + mlp
 
 
-def model_identity(model, geometry: Geometry) -> dict:
+def model_identity(model, geometry: Geometry, digests: dict[str, bytes] | None = None) -> dict:
     """Architecture, shapes and a fingerprint of the weights, so a plan is not applied to the wrong model.
 
     The fingerprint hashes every tensor's name, shape, dtype and a strided sample of its values:
-    cheap on a 70B model, and any retraining or different checkpoint changes it.
+    cheap on a 70B model, and any retraining or different checkpoint changes it. `digests`
+    (name -> `tensor_digest`) stands in for the model's own tensors when they are not all in
+    memory at once (a model streamed from disk).
     """
+    if digests is None:
+        digests = {name: tensor_digest(name, t) for name, t in model.state_dict().items()}
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 257)
-        sample = flat[::step][:257].to("cpu", torch.float32)
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(sample.numpy().round(6).tobytes())
+    for name in sorted(digests):
+        h.update(digests[name])
     return {
         "architecture": (model.config.architectures or [type(model).__name__])[0],
         "model_type": model.config.model_type,
@@ -81,6 +81,14 @@ def model_identity(model, geometry: Geometry) -> dict:
         "vocab_size": model.config.vocab_size,
         "fingerprint": h.hexdigest()[:32],
     }
+
+
+def tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    """What `model_identity` hashes of one tensor: name, shape, dtype, 257 strided values."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 257)
+    sample = flat[::step][:257].to("cpu", torch.float32)
+    return f"{name}|{tuple(t.shape)}|{t.dtype}|".encode() + sample.numpy().round(6).tobytes()
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -15,14 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compress.errors import CompressError
 from compress.slim import SOURCE_FILES
 
-__all__ = ["staged_folder", "write_weights", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
+__all__ = ["staged_folder", "ShardWriter", "write_weights", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPLACED_FILE = "replaced.safetensors"
@@ -50,18 +50,81 @@ def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes of "2GB", "500MB", "1GiB" or a plain integer; a one-line error otherwise."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise CompressError(f"not a size: {size!r} (write e.g. 2GB, 500MB or 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+class ShardWriter:
+    """Sharded safetensors written as the tensors arrive, so a streamed export holds at most one
+    shard. The split is huggingface_hub's greedy one (a tensor that does not fit the current
+    shard starts the next; one larger than a shard gets its own), and the files and index are
+    named as `save_pretrained` names them, so either path writes the same bytes.
+
+    With `verify`, each shard is read back and compared tensor by tensor before it is let go;
+    `problem` then says what differed (None when every tensor read back equal).
+    """
+
+    def __init__(self, folder: Path, max_shard_size: str | int = "2GB", verify: bool = False):
+        self.folder, self.verify = Path(folder), verify
+        self.limit = parse_size(max_shard_size)
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.files: list[list[str]] = []  # tensor names per shard, in writing order
+        self.problem: str | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.total += nbytes
+        if nbytes > self.limit:
+            self._flush({name: tensor})
+            return
+        if self.size + nbytes > self.limit:
+            self._flush(self.current)
+            self.current, self.size = {}, 0
+        self.current[name] = tensor
+        self.size += nbytes
+
+    def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.folder / f".shard-{len(self.files):05d}.safetensors"
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        self.files.append(list(tensors))
+        if self.verify and self.problem is None:
+            with safe_open(str(path), framework="pt") as f:
+                self.problem = next((f"tensor {k} read back from disk differs from the one written"
+                                     for k in tensors if not torch.equal(f.get_tensor(k), tensors[k])), None)
+
+    def close(self) -> int:
+        """Write the last shard, give the shards their final names, write the index; total bytes."""
+        if self.current or not self.files:
+            self._flush(self.current)
+        n, weight_map = len(self.files), {}
+        for i, names in enumerate(self.files):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f".shard-{i:05d}.safetensors").rename(self.folder / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return self.total
+
+
 def write_weights(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_size: str | int = "2GB",
                   progress: Callable[[Iterator], Iterator] = iter) -> int:
     """Sharded safetensors plus an index file (always written, even for one shard); returns bytes."""
-    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    split = split_torch_state_dict_into_shards(state_dict, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    for filename, names in progress(split.filename_to_tensors.items()):
-        save_file({n: state_dict[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return total
+    writer = ShardWriter(folder, max_shard_size)
+    for name, tensor in progress(state_dict.items()):
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def weights_differ(folder: Path, expected: dict[str, torch.Tensor]) -> str | None:

@@ -40,7 +40,7 @@ from compress.plan import Plan
 from compress.slimming import build_slim_model
 
 __all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "SCOPES", "Check", "parity_batch", "run_parity",
-           "resolve_scope", "equivalence_checks", "layer_equivalence",
+           "resolve_scope", "equivalence_checks", "layer_equivalence", "LayerChecker",
            "probe_checks", "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
 
 # Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
@@ -166,17 +166,16 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
 SCOPES = ("auto", "model", "layers")
 
 
-def resolve_scope(scope: str, dense) -> str:
-    """`auto`: the whole-model checks when their float64 copies (about three of the dense model's
-    size at 8 bytes a parameter) fit in 80% of the available memory, else layer by layer."""
+def resolve_scope(scope: str, params: int) -> str:
+    """`auto`: the whole-model checks when their float64 copies (about three of a model of
+    `params` parameters, at 8 bytes each) fit in 80% of the available memory, else layer by layer."""
     if scope not in SCOPES:
         raise ValueError(f"parity scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if scope != "auto":
         return scope
     from compress import memory
 
-    need = 3 * 8 * sum(p.numel() for p in dense.parameters())
-    return "model" if need <= 0.8 * memory.available_memory() else "layers"
+    return "model" if 3 * 8 * params <= 0.8 * memory.available_memory() else "layers"
 
 
 def equivalence_checks(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: torch.Tensor,
@@ -198,63 +197,96 @@ def layer_equivalence(dense, adapter: Adapter, plan: Plan, replaced: dict | None
     does not fit in memory, where `run_parity` cannot run; layer by layer equal functions
     compose to an equal model. The batch has no padding (padding is `run_parity`'s).
     """
-    from compress.calibration import layer_inputs
-    from compress.slim.modeling_slim import SlimDecoderLayer, SlimModel, make_norm
-    from compress.slimming import slim_config, slim_layer_state_dict, slim_shared_state_dict
+    from compress.slimming import slim_layer_state_dict, slim_shared_state_dict
 
-    g = adapter.geometry()
-    plan.check(g)
     build = slim_plan or plan
-    ids = ids[:2, :48].to(next(dense.parameters()).device)
-    config = slim_config(dense, adapter, build, replaced)
-    with torch.device("meta"):
-        skeleton = SlimModel(config)  # only for its rotary tables and attention mask: no weights
-    (args, kwargs), = layer_inputs(dense, adapter, ids, batch_size=ids.shape[0])
-    x = _cpu64(args[0] if args else kwargs["hidden_states"])
-    args, kwargs = _cpu64(args[1:]), {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
-    B, T = x.shape[:2]
-    positions = torch.arange(T).expand(B, T)
-    cos, sin = skeleton.rotary(positions, x)
-    rotary = adapter.rotary_module(dense)
-    if "position_embeddings" in kwargs and rotary is not None:  # the dense model's own tables, as in float64
-        device = next(dense.parameters()).device
-        kwargs["position_embeddings"] = _cpu64(rotary(x.to(device), positions.to(device)))
-    mask = skeleton._mask(torch.ones(B, T, dtype=torch.long), 0, T, x.device)
+    checker = LayerChecker(dense, adapter, plan, ids, build)
     names = {m: n for n, m in dense.named_modules()}
-    masks = plan_masks(plan, g)
-    worst, where = 0.0, ""
     for i, layer in enumerate(adapter.layers(dense)):
         prefix = names[layer] + "."
+        own = {k: v for k, v in (replaced or {}).items() if k.startswith(prefix)}
+        checker.step(i, layer, own, slim_layer_state_dict(dense, adapter, build, i, replaced), prefix)
+    return checker.finish(slim_shared_state_dict(dense, adapter, replaced))
+
+
+class LayerChecker:
+    """`layer_equivalence` one layer at a time, for callers that hold one dense layer at a time
+    (a model streamed from disk): `step` each layer in order, then `finish`."""
+
+    @torch.no_grad()
+    def __init__(self, dense, adapter: Adapter, plan: Plan, ids: torch.Tensor, slim_plan: Plan | None = None):
+        from compress.calibration import layer_inputs
+        from compress.slim.modeling_slim import SlimModel
+        from compress.slimming import slim_config
+
+        self.dense, self.adapter, self.g = dense, adapter, adapter.geometry()
+        plan.check(self.g)
+        self.build = slim_plan or plan
+        self.masks = plan_masks(plan, self.g)
+        ids = ids[:2, :48].to(next(dense.parameters()).device)
+        self.config = slim_config(dense, adapter, self.build)
+        with torch.device("meta"):
+            skeleton = SlimModel(self.config)  # rotary tables and mask only
+        (args, kwargs), = layer_inputs(dense, adapter, ids, batch_size=ids.shape[0])
+        self.x = _cpu64(args[0] if args else kwargs["hidden_states"])
+        self.args = _cpu64(args[1:])
+        self.kwargs = {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
+        B, T = self.x.shape[:2]
+        positions = torch.arange(T).expand(B, T)
+        self.cos, self.sin = skeleton.rotary(positions, self.x)
+        rotary = adapter.rotary_module(dense)
+        if "position_embeddings" in self.kwargs and rotary is not None:  # the dense model's own tables, in float64
+            device = next(dense.parameters()).device
+            self.kwargs["position_embeddings"] = _cpu64(rotary(self.x.to(device), positions.to(device)))
+        self.mask = skeleton._mask(torch.ones(B, T, dtype=torch.long), 0, T, self.x.device)
+        self.worst, self.where = 0.0, ""
+
+    @torch.no_grad()
+    def step(self, i: int, layer, own: dict[str, torch.Tensor], slim_sd: dict[str, torch.Tensor],
+             prefix: str) -> None:
+        """Check dense layer i (`own`: its replaced tensors, dense names starting with `prefix`)
+        against the slim layer holding `slim_sd`."""
+        from compress.slim.modeling_slim import SlimDecoderLayer
+        from compress.slimming import slim_config
+
+        config = slim_config(self.dense, self.adapter, self.build, own)  # layer i's bias flags need `own`
         ref = copy.deepcopy(layer).to("cpu", torch.float64)
-        own = {k.removeprefix(prefix): v for k, v in (replaced or {}).items() if k.startswith(prefix)}
         with torch.device("meta"):
             slim = SlimDecoderLayer(config, i)
-        slim = _module(slim, slim_layer_state_dict(dense, adapter, build, i, replaced))
-        with replaced_weights(ref, own):
-            handles = mask_layer(adapter.parts(ref), masks[i], g)
+        slim = _module(slim, slim_sd)
+        x, args, kwargs = self.x, self.args, self.kwargs
+        with replaced_weights(ref, {k.removeprefix(prefix): v for k, v in own.items()}):
+            handles = mask_layer(self.adapter.parts(ref), self.masks[i], self.g)
             try:
                 y = ref(x, *args, **kwargs) if args else ref(hidden_states=x, **kwargs)
             finally:
                 for h in handles:
                     h.remove()
         y = y[0] if isinstance(y, tuple) else y
-        diff = (slim(x, cos, sin, mask, None) - y).abs().max().item()
-        if diff > worst:
-            worst, where = diff, f"worst at layer {i}"
-        x = y
-        del ref, slim
-    shared = slim_shared_state_dict(dense, adapter, replaced)
-    head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
-    norm = _module(make_norm(config, g.hidden), {k.removeprefix("model.norm."): v for k, v in shared.items()
-                                                 if k.startswith("model.norm.")})
-    ref_norm = copy.deepcopy(adapter.final_norm(dense)).to("cpu", torch.float64)
-    ref_head = dense.get_output_embeddings().weight
-    got, want = norm(x), ref_norm(x)
-    diff = max((got @ _cpu64(head[i:i + 8192]).T - want @ _cpu64(ref_head[i:i + 8192]).T).abs().max().item()
-               for i in range(0, head.shape[0], 8192))  # a slice of the vocabulary at a time: bounded memory
-    if diff > worst:
-        worst, where = diff, "worst at the final norm and LM head"
-    return _check("layers", "cpu", "float64", worst, f"{g.num_layers} layers one at a time; {where or 'all exact'}")
+        diff = (slim(x, self.cos, self.sin, self.mask, None) - y).abs().max().item()
+        if diff > self.worst:
+            self.worst, self.where = diff, f"worst at layer {i}"
+        self.x = y
+
+    @torch.no_grad()
+    def finish(self, shared: dict[str, torch.Tensor]) -> Check:
+        """The final norm and LM head (the slim side's from `shared`), then the check's verdict."""
+        from compress.slim.modeling_slim import make_norm
+
+        dense, g = self.dense, self.g
+        head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
+        norm = _module(make_norm(self.config, g.hidden),
+                       {k.removeprefix("model.norm."): v for k, v in shared.items() if k.startswith("model.norm.")})
+        ref_norm = copy.deepcopy(self.adapter.final_norm(dense)).to("cpu", torch.float64)
+        ref_head = dense.get_output_embeddings().weight
+        x = self.x
+        got, want = norm(x), ref_norm(x)
+        diff = max((got @ _cpu64(head[i:i + 8192]).T - want @ _cpu64(ref_head[i:i + 8192]).T).abs().max().item()
+                   for i in range(0, head.shape[0], 8192))  # a slice of the vocabulary at a time: bounded memory
+        if diff > self.worst:
+            self.worst, self.where = diff, "worst at the final norm and LM head"
+        return _check("layers", "cpu", "float64", self.worst,
+                      f"{g.num_layers} layers one at a time; {self.where or 'all exact'}")
 
 
 def _cpu64(v):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from compress.textdata import windows
 
-__all__ = ["Perplexity", "Comparison", "perplexity", "compare"]
+__all__ = ["Perplexity", "Comparison", "perplexity", "compare", "LayerwiseComparison"]
 
 
 @dataclass
@@ -115,24 +115,103 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8
     return Perplexity(math.exp(nll), nll, count, len(wins), seq_len, stride, mode)
 
 
+class _Tally:
+    """Running sums of KL(reference || model), top-1 agreement and both NLLs over scored positions."""
+
+    def __init__(self):
+        self.kl = self.agree = self.nll_m = self.nll_r = 0.0
+        self.count = 0
+
+    def add(self, lp_m: torch.Tensor, lp_r: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+        tgt = x[:, 1:, None]
+        p_r = lp_r.exp()
+        kl_pos = torch.where(p_r > 0, p_r * (lp_r - lp_m), 0.0).sum(-1)  # 0*log0 = 0
+        self.kl += kl_pos[mask].double().sum().item()
+        self.agree += (lp_m.argmax(-1) == lp_r.argmax(-1))[mask].sum().item()
+        self.nll_m -= lp_m.gather(-1, tgt).squeeze(-1)[mask].double().sum().item()
+        self.nll_r -= lp_r.gather(-1, tgt).squeeze(-1)[mask].double().sum().item()
+        self.count += int(mask.sum())
+
+    def result(self, wins, seq_len, stride, mode) -> Comparison:
+        n = self.count
+        return Comparison(self.kl / n, self.agree / n, math.exp(self.nll_m / n), math.exp(self.nll_r / n),
+                          n, len(wins), seq_len, stride, mode)
+
+
 def compare(model, reference, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
             device: str | torch.device = "cpu", stride: int | None = None,
             max_windows: int | None = None, progress: bool = True) -> Comparison:
     """KL(reference || model), top-1 agreement and both perplexities on the same windows."""
     wins, first, mode, stride = _plan(ids, seq_len, stride, max_windows)
-    kl = agree = nll_m = nll_r = 0.0
-    count = 0
+    tally = _Tally()
     with torch.inference_mode(), _EvalMode(model, reference):
         for x, mask in _batches(wins, first, batch_size, device, "compare", progress):
-            lp_m = _logprobs(model, x)
-            lp_r = _logprobs(reference, x)
-            tgt = x[:, 1:, None]
-            p_r = lp_r.exp()
-            kl_pos = torch.where(p_r > 0, p_r * (lp_r - lp_m), 0.0).sum(-1)  # 0*log0 = 0
-            kl += kl_pos[mask].double().sum().item()
-            agree += (lp_m.argmax(-1) == lp_r.argmax(-1))[mask].sum().item()
-            nll_m -= lp_m.gather(-1, tgt).squeeze(-1)[mask].double().sum().item()
-            nll_r -= lp_r.gather(-1, tgt).squeeze(-1)[mask].double().sum().item()
-            count += int(mask.sum())
-    return Comparison(kl / count, agree / count, math.exp(nll_m / count), math.exp(nll_r / count),
-                      count, len(wins), seq_len, stride, mode)
+            tally.add(_logprobs(model, x), _logprobs(reference, x), x, mask)
+    return tally.result(wins, seq_len, stride, mode)
+
+
+class LayerwiseComparison:
+    """`compare` of a slim model against its dense model when neither is ever whole in memory:
+    the caller hands over one dense layer and the slim layer's tensors at a time (`step`), both
+    models run the held-out windows through it (each on its own hidden states, in the dense
+    model's dtype), and `finish` applies the final norms and LM heads. Fixed windows only."""
+
+    @torch.no_grad()
+    def __init__(self, dense, adapter, plan, ids: torch.Tensor, seq_len: int = 256, max_windows: int | None = None,
+                 batch_size: int = 8):
+        from compress.calibration import layer_inputs
+        from compress.slim.modeling_slim import SlimModel
+        from compress.slimming import slim_config
+
+        self.dense, self.adapter = dense, adapter
+        self.wins, self.first, self.mode, self.stride = _plan(ids, seq_len, None, max_windows)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.config = slim_config(dense, adapter, plan)
+        with torch.device("meta"):
+            skeleton = SlimModel(self.config)  # rotary tables and mask only
+        self.dense_in = layer_inputs(dense, adapter, self.wins, batch_size)
+        self.slim_x = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.dense_in]
+        x = self.slim_x[0]
+        B, T = x.shape[:2]
+        self.cos, self.sin = skeleton.rotary(torch.arange(T, device=x.device).expand(B, T), x)
+        self.mask = skeleton._mask(torch.ones(B, T, dtype=torch.long, device=x.device), 0, T, x.device)
+
+    @torch.no_grad()
+    def step(self, i: int, layer, slim_sd: dict[str, torch.Tensor], config) -> None:
+        """Run dense layer i and the slim layer holding `slim_sd` (built with `config`)."""
+        from compress.calibration import run_layer
+        from compress.slim.modeling_slim import SlimDecoderLayer
+
+        self.dense_in = run_layer(layer, self.dense_in)
+        with torch.device("meta"):
+            slim = SlimDecoderLayer(config, i)
+        slim.load_state_dict(slim_sd, strict=False, assign=True)
+        slim.eval()
+        cut = lambda t, n: None if t is None else t[:n]  # noqa: E731  (learned positions: no rotary tables)
+        self.slim_x = [slim(x, cut(self.cos, len(x)), cut(self.sin, len(x)), self.mask[:len(x)], None)
+                       for x in self.slim_x]
+
+    @torch.no_grad()
+    def finish(self, shared: dict[str, torch.Tensor]) -> dict:
+        """The report's quality entry: windows, perplexities, KL and top-1 agreement."""
+        from compress.slim.modeling_slim import make_norm
+
+        norm = make_norm(self.config, self.config.hidden_size)
+        norm.load_state_dict({k.removeprefix("model.norm."): v for k, v in shared.items()
+                              if k.startswith("model.norm.")}, strict=False, assign=True)
+        head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
+        dense_norm, dense_head = self.adapter.final_norm(self.dense), self.dense.get_output_embeddings()
+        pos = torch.arange(self.seq_len - 1)
+        tally = _Tally()
+        for j, ((args, kwargs), xs) in enumerate(zip(self.dense_in, self.slim_x)):
+            xd = args[0] if args else kwargs["hidden_states"]
+            ids = self.wins[j * self.batch_size:(j + 1) * self.batch_size].to(xd.device)
+            first = self.first[j * self.batch_size:(j + 1) * self.batch_size]
+            mask = (pos[None, :] >= first[:, None]).to(xd.device)
+            for r in range(len(ids)):  # one window's logits at a time: a 128k vocabulary is large
+                lp_r = torch.log_softmax(dense_head(dense_norm(xd[r:r + 1]))[:, :-1].float(), dim=-1)
+                lp_m = torch.log_softmax(torch.nn.functional.linear(norm(xs[r:r + 1]), head)[:, :-1].float(), dim=-1)
+                tally.add(lp_m, lp_r, ids[r:r + 1], mask[r:r + 1])
+        q = tally.result(self.wins, self.seq_len, self.stride, self.mode)
+        return {"windows": q.windows, "seq_len": self.seq_len, "dense_ppl": q.reference_perplexity,
+                "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}

@@ -62,6 +62,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
     add_scope_argument(p)
+    p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                   help="read the dense model one decoder layer at a time from its safetensors files, so "
+                        "peak memory stays near one layer plus the embeddings (magnitude, wanda-sp and flap, "
+                        "from a local folder; the checks are then layer by layer); auto (default): when the "
+                        "model is too large for the whole-model checks; the output is the same either way")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
     for name in sorted(METHODS):
@@ -75,9 +80,11 @@ def method_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.loading import load_tokenizer, resolve_device, resolve_dtype
     from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
+    from compress.streaming import choose_streaming
+    from exporters.hf_folder import parse_size
     from compress.textdata import calibration_windows, load_text, token_stream
 
     check_ratio(args.ratio)
@@ -91,29 +98,17 @@ def run(args: argparse.Namespace) -> int:
         from exporters.hub import require_token
 
         require_token()
+    parse_size(args.max_shard_size)
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.load_dtype, device=device, export_dtype=dtype)
+    folder = choose_streaming(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
                                 args.calib_samples)
-    held = str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"loaded {args.model or 'the reference model'} on {device} in {held}; calibration {tuple(calib.shape)} tokens")
-
-    t1 = time.perf_counter()
-    result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
-    if runtime:
-        if result.plan.runtime:
-            raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
-        result.plan.runtime = runtime
-    prune_s = time.perf_counter() - t1
-
-    quality = _quality(model, result, tokenizer, args, device, calib.to(device)) if args.eval_windows else {}
-    extra = {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
-             else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
-    report = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
-                    check=args.check, max_shard_size=args.max_shard_size, quality=quality, extra=extra,
-                    parity_scope=args.parity_scope)
+    if folder is not None:
+        report = _run_streamed(args, folder, tokenizer, calib, dtype, device)
+    else:
+        report = _run_in_memory(args, tokenizer, calib, dtype, device, runtime)
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 
@@ -128,6 +123,55 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"pushed {out} to {push_folder(out, args.push_to_hub, include_onnx=args.onnx)}")
     return 0
+
+
+def _run_in_memory(args, tokenizer, calib, dtype, device, runtime) -> dict:
+    from compress.loading import load_model
+
+    model = load_model(args.model, dtype=args.load_dtype, device=device, export_dtype=dtype)
+    held = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"loaded {args.model or 'the reference model'} on {device} in {held}; calibration {tuple(calib.shape)} tokens")
+    t1 = time.perf_counter()
+    result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
+    if runtime:
+        if result.plan.runtime:
+            raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
+        result.plan.runtime = runtime
+    prune_s = time.perf_counter() - t1
+    quality = _quality(model, result, tokenizer, args, device, calib.to(device)) if args.eval_windows else {}
+    return export(model, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
+                  overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size, quality=quality,
+                  extra=_extra(args, prune_s), parity_scope=args.parity_scope)
+
+
+def _run_streamed(args, folder, tokenizer, calib, dtype, device) -> dict:
+    from transformers import AutoConfig
+
+    from compress.loading import load_dtype
+    from compress.reference import TEST_TEXT
+    from compress.streaming import DenseStream, export_streamed, prune_streamed
+    from compress.textdata import load_text, token_stream
+    from validation.quality import LayerwiseComparison
+
+    held = load_dtype(AutoConfig.from_pretrained(folder), args.load_dtype, dtype)
+    stream = DenseStream(folder, held, device)
+    print(f"streaming {args.model or 'the reference model'} one layer at a time on {device} in "
+          f"{str(held).removeprefix('torch.')}; calibration {tuple(calib.shape)} tokens")
+    t1 = time.perf_counter()
+    pruned = prune_streamed(stream, args.method, args.ratio, calib.to(device), seed=args.seed,
+                            **method_settings(args))
+    prune_s = time.perf_counter() - t1
+    comparison = LayerwiseComparison(stream.model, stream.adapter, pruned[0].plan,
+                                     token_stream(tokenizer, load_text(TEST_TEXT)), args.seq_len,
+                                     args.eval_windows) if args.eval_windows else None
+    return export_streamed(stream, pruned, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
+                           overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size,
+                           comparison=comparison, extra=_extra(args, prune_s))
+
+
+def _extra(args, prune_s: float) -> dict:
+    return {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
+            else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
 
 
 def _quality(model, result, tokenizer, args, device, calib) -> dict:

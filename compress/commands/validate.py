@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 for k, v in slim_state_dict(model, adapter, plan, replaced).items()}
     if plan.runtime:
         expected.update(probe_tensors(folder, expected))
-    scope = resolve_scope(args.parity_scope, model)
+    scope = resolve_scope(args.parity_scope, sum(p.numel() for p in model.parameters()))
     if plan.runtime and scope == "layers":
         raise CompressError("Probe Pruning's checks run the whole model in float64: use --parity-scope model")
     files = check_files(folder, model, adapter, plan, replaced, expected, scope)

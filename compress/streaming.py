@@ -1,0 +1,283 @@
+"""Pruning and exporting a checkpoint read from its safetensors files one decoder layer at a time.
+
+For the score-based methods (magnitude, wanda-sp, flap), whose statistics, scores and rewritten
+tensors are all per layer. The dense model is built on the meta device; only the embeddings,
+final norm and LM head are read in full. Then:
+
+1. pruning: the calibration windows' hidden states enter layer 0; each layer in turn is read,
+   runs them (collecting its input statistics), is scored and released; the plan is then
+   selected from all layers' scores, exactly as in memory;
+2. export: each layer is read again, its rewritten tensors (FLAP's biases) and slim tensors are
+   built, checked against the masked dense layer in float64 (the layer-by-layer parity check),
+   run on the held-out windows beside the dense layer for the report's quality figures, and
+   appended to the output shard; each finished shard is read back and compared.
+
+Peak memory is the shared tensors, one layer (and its float64 copies), the hidden states of the
+windows at one layer boundary and one output shard: a 7B bfloat16 checkpoint exports on a
+24 GiB machine. The output is byte-identical to the in-memory path's (tests/test_streaming.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapters import get_adapter
+from compress.errors import CompressError
+from compress.methods import METHODS, PruneResult
+from compress.plan import model_identity, tensor_digest
+
+__all__ = ["DenseStream", "prune_streamed", "export_streamed", "streamable_folder", "choose_streaming"]
+
+
+def streamable_folder(name_or_path) -> Path | None:
+    """The local safetensors folder a model would be streamed from, or None (a Hub id, a GGUF file)."""
+    if not name_or_path:
+        from compress.loading import default_model_dir
+
+        return default_model_dir()
+    path = Path(name_or_path)
+    return path if path.is_dir() and any(path.glob("*.safetensors")) else None
+
+
+def choose_streaming(choice: str, model, method: str, runtime: bool, parity_scope: str) -> Path | None:
+    """The folder to stream the dense model from, or None to load it whole.
+
+    "on" insists (a one-line error says why it cannot), "off" never streams, "auto" streams
+    when it can and the model is too large for the whole-model parity checks (about three
+    float64 copies; see validation.parity.resolve_scope), i.e. where only the layer-by-layer
+    check would run anyway.
+    """
+    from validation.parity import resolve_scope
+
+    if choice == "off":
+        return None
+    folder = streamable_folder(model)
+    why = ("the model is not a local folder of safetensors" if folder is None
+           else f"method {method!r} needs the whole model in memory" if not METHODS[method].streamable
+           else "run-time pruning (--runtime) needs the whole model" if runtime
+           else "--parity-scope model runs the whole model" if parity_scope == "model" else None)
+    if choice == "on":
+        if why:
+            raise CompressError(f"--streaming on: {why}")
+        return folder
+    if why:
+        return None
+    from transformers import AutoConfig
+
+    from compress.loading import dense_params
+
+    return folder if resolve_scope("auto", dense_params(AutoConfig.from_pretrained(folder))) == "layers" else None
+
+
+class DenseStream:
+    """A dense checkpoint whose decoder layers are read from disk on demand (`layer(i)`).
+
+    The model object is the transformers model built on the meta device, so adapters,
+    hooks and the methods see the usual modules; outside `layer(i)` a layer holds no memory.
+    """
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder, self.dtype, self.device = Path(folder), dtype, torch.device(device)
+        config = AutoConfig.from_pretrained(self.folder)
+        self.adapter = get_adapter(config)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        if (self.folder / "generation_config.json").is_file():  # as from_pretrained reads it
+            from transformers import GenerationConfig
+
+            self.model.generation_config = GenerationConfig.from_pretrained(self.folder)
+        self.files = self._weight_files()
+        self._real_rotary()
+        names = {m: n for n, m in self.model.named_modules()}
+        self.prefixes = [names[layer] + "." for layer in self.adapter.layers(self.model)]
+        in_layers = tuple(self.prefixes)
+        shared = [n for n, _ in self.model.named_parameters() if not n.startswith(in_layers)]
+        self._load(self.model, shared)
+        if config.tie_word_embeddings:
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        left = [n for n, t in self.model.named_buffers() if t.is_meta and not n.startswith(in_layers)]
+        if left:
+            raise CompressError(f"cannot stream {self.folder}: buffers {left[:3]} are not in the checkpoint; "
+                                "use --streaming off")
+
+    def _weight_files(self) -> dict[str, Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            return {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        files = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), path))
+        return files
+
+    def _real_rotary(self) -> None:
+        """Rotary tables are computed, not stored: build the rotary module for real."""
+        rotary = self.adapter.rotary_module(self.model)
+        if rotary is None:
+            return
+        path = next(n for n, m in self.model.named_modules() if m is rotary)
+        parent, _, leaf = path.rpartition(".")
+        with torch.device(self.device):
+            setattr(self.model.get_submodule(parent), leaf, type(rotary)(config=self.model.config))
+
+    def _key(self, name: str) -> str:
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        for key in (name, name.removeprefix(prefix)):  # some checkpoints omit the base model's prefix
+            if key in self.files:
+                return key
+        raise CompressError(f"{self.folder}: tensor {name} is not in the checkpoint; use --streaming off")
+
+    def _load(self, root: nn.Module, names: list[str], prefix: str = "") -> None:
+        """Read the tensors `names` (relative to `root`) into `root` as parameters, in the stream's dtype."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[self._key(prefix + n)], []).append(n)
+        for path, group in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for n in group:
+                    t = f.get_tensor(self._key(prefix + n))
+                    t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+                    owner, _, leaf = n.rpartition(".")
+                    root.get_submodule(owner)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.prefixes)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Decoder layer i with its weights read from disk; back on the meta device afterwards."""
+        layer = self.adapter.layers(self.model)[i]
+        self._load(layer, [n for n, _ in layer.named_parameters()], self.prefixes[i])
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+    def digests(self, module: nn.Module, prefix: str = "") -> dict[str, bytes]:
+        """`tensor_digest` of a module's tensors under their model names (for the plan's fingerprint)."""
+        return {prefix + n: tensor_digest(prefix + n, t) for n, t in module.state_dict().items() if not t.is_meta}
+
+
+def prune_streamed(stream: DenseStream, method: str, ratio: float, calib: torch.Tensor | None, seed: int = 0,
+                   **settings) -> tuple[PruneResult, list, object]:
+    """`compress.pipeline.prune` for a streamed model: (result without rewritten tensors, each layer's
+    input statistics, the method object); `export_streamed` rewrites the tensors layer by layer."""
+    from compress.calibration import layer_input_stats, layer_inputs
+    from compress.pipeline import check_ratio, record
+
+    check_ratio(ratio)
+    if method not in METHODS:
+        raise CompressError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    m = METHODS[method](**settings)
+    if not m.streamable:
+        raise CompressError(f"method {method!r} needs the whole model in memory; use --streaming off")
+    model, adapter = stream.model, stream.adapter
+    torch.manual_seed(seed)
+    digests = stream.digests(model)
+    inputs = layer_inputs(model, adapter, calib, m.settings["calib_batch_size"]) if m.stats_parts else None
+    heads, mlps, stats = [], [], []
+    for i in tqdm(range(stream.num_layers), desc="scoring layers", unit="layer", dynamic_ncols=True):
+        with stream.layer(i) as layer, torch.no_grad():
+            digests.update(stream.digests(layer, stream.prefixes[i]))
+            s = None
+            if m.stats_parts:
+                s, inputs = layer_input_stats(adapter, layer, inputs, m.stats_parts)
+            h, mlp = m.layer_scores(adapter, layer, s)
+        heads.append(h)
+        mlps.append(mlp)
+        stats.append(s)
+    g = adapter.geometry()
+    result = PruneResult(m.select_plan(g, torch.stack(heads), torch.stack(mlps), ratio, seed))
+    record(result.plan, model_identity(model, g, digests), method, ratio, m, seed)
+    return result, stats, m
+
+
+def export_streamed(stream: DenseStream, pruned: tuple[PruneResult, list, object], out: str | Path, *,
+                    tokenizer=None, calib: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                    overwrite: bool = False, check: bool = True, max_shard_size: str | int = "2GB",
+                    comparison=None, extra: dict | None = None) -> dict:
+    """`compress.pipeline.export` for a streamed model: the same folder, one layer in memory at a time.
+
+    Parity is the layer-by-layer check (there is no whole model to run); a `comparison`
+    (validation.quality.LayerwiseComparison on held-out text) gives the report's perplexity and
+    KL, computed beside the export.
+    """
+    import time
+
+    from compress.slimming import slim_config, slim_layer_state_dict, slim_shared_state_dict
+    from exporters.hf_folder import REPLACED_FILE, ShardWriter, staged_folder, write_model_files
+    from safetensors.torch import save_file
+    from validation.parity import TOLERANCES, Check, LayerChecker, raise_on_failure
+    from validation.report import build_report, write_report
+
+    result, stats, method = pruned
+    model, adapter, plan = stream.model, stream.adapter, result.plan
+    plan.check(adapter.geometry())
+    replaced = result.replaced
+    ids = calib if calib is not None else torch.randint(0, model.config.vocab_size, (3, 48),
+                                                        generator=torch.Generator().manual_seed(0))
+    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)  # noqa: E731
+    t0 = time.perf_counter()
+    checker = LayerChecker(model, adapter, plan, ids) if check else None
+    compare = comparison
+    shapes: dict[str, torch.Tensor] = {}
+    with staged_folder(out, overwrite=overwrite) as folder:
+        writer = ShardWriter(folder, max_shard_size, verify=True)
+
+        def write(name: str, t: torch.Tensor) -> None:
+            t = cast(t.contiguous())
+            shapes[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            writer.add(name, t)
+
+        shared = slim_shared_state_dict(model, adapter, replaced)
+        for k, v in shared.items():
+            write(k, v)
+        for i in tqdm(range(stream.num_layers), desc="slimming layers", unit="layer", dynamic_ncols=True):
+            with stream.layer(i) as layer, torch.no_grad():
+                prefix = stream.prefixes[i]
+                own = method.layer_replaced(adapter, layer, prefix, plan.layers[i], stats[i])
+                replaced.update(own)
+                sd = slim_layer_state_dict(model, adapter, plan, i, replaced)
+                if checker is not None:
+                    checker.step(i, layer, own, sd, prefix)
+                if compare is not None:
+                    compare.step(i, layer, sd, slim_config(model, adapter, plan, own))
+                for k, v in sd.items():
+                    write(f"model.layers.{i}.{k}", v)
+        checks = []
+        if checker is not None:
+            checks = [checker.finish(shared)]
+            print("  parity " + checks[0].line())
+            raise_on_failure(checks)
+        extra = {**(extra or {}), "parity_scope": "layers", "streamed": True,
+                 "parity_seconds": round(time.perf_counter() - t0, 2)}
+        quality = compare.finish(shared) if compare is not None else {}
+        total = writer.close()
+        name = str(shapes["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+        files = Check("files", "cpu", name, float("inf") if writer.problem else 0.0, TOLERANCES["float64"],
+                      writer.problem is None, writer.problem or "every shard read back equal to the layer-checked "
+                      "slim tensors (model not run: streamed export)")
+        print("  parity " + files.line())
+        raise_on_failure([files])
+        config = slim_config(model, adapter, plan, replaced)
+        config.dtype = name
+        report = build_report(model, adapter, plan, shapes, checks + [files], TOLERANCES, quality=quality,
+                              extra=extra)
+        report["files"]["slim_weight_bytes"] = total
+        write_model_files(folder, config, tokenizer, getattr(model, "generation_config", None))
+        plan.save(folder / "plan.json")
+        if replaced:
+            save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
+        write_report(folder, report)
+    return report

@@ -1,0 +1,125 @@
+"""Layer-streamed export: the same bytes as the in-memory path, checked as strictly, bounded input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from compress.cli import main
+from compress.errors import CompressError
+from compress.streaming import DenseStream, choose_streaming, prune_streamed
+from exporters.hf_folder import INDEX_FILE, ShardWriter
+from test_pipeline import FAST, save_dense
+from tiny import TINY_CONFIGS, tiny_model
+
+OWN = {"report.json", "report.md"}  # timings and which checks ran differ by design
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in OWN}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "magnitude"])
+def test_streamed_export_writes_the_same_bytes(family, method, tmp_path):
+    """Every file but the report equals the in-memory export's: plan (fingerprint included),
+    FLAP's rewritten biases, config and each shard, also split into several shards."""
+    dense = save_dense(tiny_model(family), tmp_path / "dense")
+    out = {}
+    for streaming in ("off", "on"):
+        out[streaming] = tmp_path / streaming
+        assert main(["export", "--model", str(dense), "--method", method, "--ratio", "0.4", "--out",
+                     str(out[streaming]), "--streaming", streaming, "--max-shard-size", "150KB", *FAST]) == 0
+    a, b = _files(out["off"]), _files(out["on"])
+    assert a.keys() == b.keys() and len([n for n in a if n.startswith("model-")]) > 1
+    assert [n for n in a if a[n] != b[n]] == []
+    ra, rb = (json.loads((out[s] / "report.json").read_text()) for s in ("off", "on"))
+    assert rb["streamed"] and [c["name"] for c in rb["parity"]] == ["layers", "files"]
+    assert ra["quality"] == pytest.approx(rb["quality"], rel=1e-5)
+
+
+def test_streamed_layer_check_catches_a_wrong_slim_tensor(tmp_path, monkeypatch, capsys):
+    """A slim tensor off by 1e-3 in one layer fails the streamed export, and nothing is written."""
+    import compress.slimming as slimming
+
+    dense = save_dense(tiny_model("llama"), tmp_path / "dense")
+    real = slimming.slim_layer_state_dict
+
+    def off(model, adapter, plan, i, replaced=None):
+        sd = real(model, adapter, plan, i, replaced)
+        if i == 1:
+            sd["mlp.down_proj.weight"] = sd["mlp.down_proj.weight"].clone()
+            sd["mlp.down_proj.weight"][0, 0] += 1e-3
+        return sd
+
+    monkeypatch.setattr(slimming, "slim_layer_state_dict", off)
+    out = tmp_path / "slim"
+    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(out),
+                 "--streaming", "on", *FAST]) == 2
+    assert "layers" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".slim*"))
+
+
+def test_streamed_files_check_catches_a_shard_that_reads_back_wrong(tmp_path, monkeypatch, capsys):
+    import exporters.hf_folder as hf_folder
+
+    real = hf_folder.save_file
+
+    def corrupt(tensors, path, metadata=None):
+        tensors = {k: (v + 1 if v.is_floating_point() else v) for k, v in tensors.items()}
+        real(tensors, path, metadata=metadata)
+
+    dense = save_dense(tiny_model("qwen2"), tmp_path / "dense")
+    monkeypatch.setattr(hf_folder, "save_file", corrupt)
+    out = tmp_path / "slim"
+    assert main(["export", "--model", str(dense), "--method", "wanda-sp", "--ratio", "0.4", "--out", str(out),
+                 "--streaming", "on", *FAST]) == 2
+    printed = capsys.readouterr()
+    assert "read back from disk differs" in printed.out and "files" in printed.err and not out.exists()
+
+
+def test_shards_split_as_huggingface_hub_splits_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([100, 300, 50, 700, 20, 20, 260])}
+    want = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors", max_shard_size=1200)
+    writer = ShardWriter(tmp_path, 1200)
+    for k, v in sd.items():
+        writer.add(k, v)
+    assert writer.close() == sum(v.numel() * 4 for v in sd.values())
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"] == dict(sorted(want.tensor_to_filename.items()))
+
+
+def test_streaming_choice(tmp_path, monkeypatch):
+    """auto streams only where the whole-model checks would not fit; `on` says why it cannot."""
+    from compress import memory
+
+    dense = save_dense(tiny_model("llama"), tmp_path / "dense")
+    assert choose_streaming("auto", str(dense), "flap", False, "auto") is None
+    assert choose_streaming("on", str(dense), "flap", False, "auto") == dense
+    for args, why in (((str(dense), "tyr", False, "auto"), "needs the whole model"),
+                      ((str(dense), "flap", True, "auto"), "--runtime"),
+                      ((str(dense), "flap", False, "model"), "--parity-scope model"),
+                      ((str(tmp_path / "m.gguf"), "flap", False, "auto"), "not a local folder")):
+        with pytest.raises(CompressError, match=why):
+            choose_streaming("on", *args)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1024)
+    assert choose_streaming("auto", str(dense), "wanda-sp", False, "auto") == dense
+    assert choose_streaming("auto", str(dense), "disp", False, "auto") is None
+    assert choose_streaming("off", str(dense), "wanda-sp", False, "auto") is None
+
+
+def test_a_layer_holds_memory_only_while_it_is_read(tmp_path):
+    dense = save_dense(tiny_model("opt"), tmp_path / "dense")
+    stream = DenseStream(dense)
+    layers = stream.adapter.layers(stream.model)
+    assert all(p.is_meta for layer in layers for p in layer.parameters())
+    assert not stream.model.get_input_embeddings().weight.is_meta
+    with stream.layer(1) as layer:
+        assert not any(p.is_meta for p in layer.parameters())
+        assert all(p.is_meta for p in layers[0].parameters())
+    assert all(p.is_meta for p in layers[1].parameters())
+    with pytest.raises(CompressError, match="whole model"):
+        prune_streamed(stream, "tyr", 0.5, torch.zeros(2, 8, dtype=torch.long))
