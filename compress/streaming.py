@@ -87,6 +87,9 @@ class DenseStream:
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from compress.memory import release_large_blocks
+
+        release_large_blocks()
         self.folder, self.dtype, self.device = Path(folder), dtype, torch.device(device)
         config = AutoConfig.from_pretrained(self.folder)
         self.adapter = get_adapter(config)

@@ -6,6 +6,7 @@ only when complete, so an interrupted export never leaves a half-written folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compress.errors import CompressError
 from compress.slim import SOURCE_FILES
@@ -64,50 +64,104 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-class ShardWriter:
-    """Sharded safetensors written as the tensors arrive, so a streamed export holds at most one
-    shard. The split is huggingface_hub's greedy one (a tensor that does not fit the current
-    shard starts the next; one larger than a shard gets its own), and the files and index are
-    named as `save_pretrained` names them, so either path writes the same bytes.
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
-    With `verify`, each shard is read back and compared tensor by tensor before it is let go;
-    `problem` then says what differed (None when every tensor read back equal).
+
+def _raw(t: torch.Tensor):
+    """A contiguous CPU tensor's bytes (little-endian, as safetensors stores them), without a copy."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _digest_on_disk(path: Path, name: str) -> str:
+    """SHA-256 of one tensor's bytes as safetensors reads it back (the file is opened per tensor:
+    its memory map, and the resident pages that count against this process, last one tensor)."""
+    with safe_open(str(path), framework="pt") as f:
+        return hashlib.sha256(_raw(f.get_tensor(name)).data).hexdigest()
+
+
+class _Shard:
+    """One shard being written: tensor bytes go to a data file as they arrive; `finish` writes
+    the safetensors header and then the data (the header needs every tensor's offsets first)."""
+
+    def __init__(self, path: Path):
+        self.path, self.entries, self.size = path, [], 0
+        self.data = path.with_suffix(".data").open("wb")
+
+    def add(self, name: str, t: torch.Tensor) -> str:
+        raw = _raw(t)
+        self.data.write(raw.data)
+        self.entries.append((name, t.dtype, list(t.shape), self.size, self.size + raw.nbytes))
+        self.size += raw.nbytes
+        return hashlib.sha256(raw.data).hexdigest()
+
+    def finish(self) -> None:
+        self.data.close()
+        header = {"__metadata__": {"format": "pt"}}
+        header.update({name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [b, e]}
+                       for name, dtype, shape, b, e in self.entries})
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        data = self.path.with_suffix(".data")
+        with self.path.open("wb") as out, data.open("rb") as src:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            shutil.copyfileobj(src, out, 16 << 20)
+        data.unlink()
+
+
+class ShardWriter:
+    """Sharded safetensors written as the tensors arrive: each tensor's bytes go to disk at once,
+    so writing a 7B export holds one tensor, not one shard (safetensors' own writer takes a whole
+    dict of tensors in memory). The split is huggingface_hub's greedy one (a tensor that does not
+    fit the current shard starts the next; one larger than a shard gets its own), and files and
+    index are named as `save_pretrained` names them.
+
+    With `verify`, each finished shard is read back with safetensors and every tensor's bytes
+    compared (by SHA-256) with what was written; `problem` then says what differed, else None.
     """
 
     def __init__(self, folder: Path, max_shard_size: str | int = "2GB", verify: bool = False):
         self.folder, self.verify = Path(folder), verify
         self.limit = parse_size(max_shard_size)
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-        self.files: list[list[str]] = []  # tensor names per shard, in writing order
+        self.current: _Shard | None = None
+        self.total = 0
+        self.files: list[list[str]] = []  # tensor names per shard, in shard order
+        self.digests: dict[str, str] = {}
         self.problem: str | None = None
+
+    def _new(self) -> _Shard:
+        return _Shard(self.folder / f".shard-{len(self.files):05d}.{len(self.digests)}.safetensors")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         self.total += nbytes
         if nbytes > self.limit:
-            self._flush({name: tensor})
+            shard = self._new()
+            self.digests[name] = shard.add(name, tensor)
+            self._finish(shard)
             return
-        if self.size + nbytes > self.limit:
-            self._flush(self.current)
-            self.current, self.size = {}, 0
-        self.current[name] = tensor
-        self.size += nbytes
+        if self.current is not None and self.current.size + nbytes > self.limit:
+            self._finish(self.current)
+            self.current = None
+        self.current = self.current or self._new()
+        self.digests[name] = self.current.add(name, tensor)
 
-    def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
-        path = self.folder / f".shard-{len(self.files):05d}.safetensors"
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        self.files.append(list(tensors))
+    def _finish(self, shard: _Shard) -> None:
+        shard.finish()
+        final = self.folder / f".shard-{len(self.files):05d}.safetensors"
+        shard.path.rename(final)
+        self.files.append([e[0] for e in shard.entries])
         if self.verify and self.problem is None:
-            with safe_open(str(path), framework="pt") as f:
-                self.problem = next((f"tensor {k} read back from disk differs from the one written"
-                                     for k in tensors if not torch.equal(f.get_tensor(k), tensors[k])), None)
+            self.problem = next((f"tensor {k} read back from disk differs from the one written"
+                                 for k in self.files[-1] if _digest_on_disk(final, k) != self.digests[k]), None)
 
     def close(self) -> int:
-        """Write the last shard, give the shards their final names, write the index; total bytes."""
-        if self.current or not self.files:
-            self._flush(self.current)
+        """Finish the last shard, give the shards their final names, write the index; total bytes."""
+        if self.current is not None or not self.files:
+            self._finish(self.current or self._new())
         n, weight_map = len(self.files), {}
         for i, names in enumerate(self.files):
             name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

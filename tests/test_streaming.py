@@ -66,14 +66,18 @@ def test_streamed_layer_check_catches_a_wrong_slim_tensor(tmp_path, monkeypatch,
 def test_streamed_files_check_catches_a_shard_that_reads_back_wrong(tmp_path, monkeypatch, capsys):
     import exporters.hf_folder as hf_folder
 
-    real = hf_folder.save_file
+    real = hf_folder._Shard.finish
 
-    def corrupt(tensors, path, metadata=None):
-        tensors = {k: (v + 1 if v.is_floating_point() else v) for k, v in tensors.items()}
-        real(tensors, path, metadata=metadata)
+    def corrupt(self):
+        real(self)
+        with self.path.open("r+b") as f:  # flip one byte of the last tensor's data
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 1]))
 
     dense = save_dense(tiny_model("qwen2"), tmp_path / "dense")
-    monkeypatch.setattr(hf_folder, "save_file", corrupt)
+    monkeypatch.setattr(hf_folder._Shard, "finish", corrupt)
     out = tmp_path / "slim"
     assert main(["export", "--model", str(dense), "--method", "wanda-sp", "--ratio", "0.4", "--out", str(out),
                  "--streaming", "on", *FAST]) == 2

@@ -122,8 +122,9 @@ class _Tally:
         self.kl = self.agree = self.nll_m = self.nll_r = 0.0
         self.count = 0
 
-    def add(self, lp_m: torch.Tensor, lp_r: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
-        tgt = x[:, 1:, None]
+    def add(self, lp_m: torch.Tensor, lp_r: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        """Log-probabilities [b, n, V] of both models, the next tokens [b, n], which positions count."""
+        tgt = targets[..., None]
         p_r = lp_r.exp()
         kl_pos = torch.where(p_r > 0, p_r * (lp_r - lp_m), 0.0).sum(-1)  # 0*log0 = 0
         self.kl += kl_pos[mask].double().sum().item()
@@ -146,7 +147,7 @@ def compare(model, reference, ids: torch.Tensor, seq_len: int = 256, batch_size:
     tally = _Tally()
     with torch.inference_mode(), _EvalMode(model, reference):
         for x, mask in _batches(wins, first, batch_size, device, "compare", progress):
-            tally.add(_logprobs(model, x), _logprobs(reference, x), x, mask)
+            tally.add(_logprobs(model, x), _logprobs(reference, x), x[:, 1:], mask)
     return tally.result(wins, seq_len, stride, mode)
 
 
@@ -208,10 +209,12 @@ class LayerwiseComparison:
             ids = self.wins[j * self.batch_size:(j + 1) * self.batch_size].to(xd.device)
             first = self.first[j * self.batch_size:(j + 1) * self.batch_size]
             mask = (pos[None, :] >= first[:, None]).to(xd.device)
-            for r in range(len(ids)):  # one window's logits at a time: a 128k vocabulary is large
-                lp_r = torch.log_softmax(dense_head(dense_norm(xd[r:r + 1]))[:, :-1].float(), dim=-1)
-                lp_m = torch.log_softmax(torch.nn.functional.linear(norm(xs[r:r + 1]), head)[:, :-1].float(), dim=-1)
-                tally.add(lp_m, lp_r, ids[r:r + 1], mask[r:r + 1])
+            for r in range(len(ids)):  # 64 positions' logits at a time: a 128k vocabulary is large
+                for c in range(0, self.seq_len - 1, 64):
+                    hd, hs = xd[r:r + 1, c:min(c + 64, self.seq_len - 1)], xs[r:r + 1, c:min(c + 64, self.seq_len - 1)]
+                    lp_r = torch.log_softmax(dense_head(dense_norm(hd)).float(), dim=-1)
+                    lp_m = torch.log_softmax(torch.nn.functional.linear(norm(hs), head).float(), dim=-1)
+                    tally.add(lp_m, lp_r, ids[r:r + 1, c + 1:c + 1 + hd.shape[1]], mask[r:r + 1, c:c + hd.shape[1]])
         q = tally.result(self.wins, self.seq_len, self.stride, self.mode)
         return {"windows": q.windows, "seq_len": self.seq_len, "dense_ppl": q.reference_perplexity,
                 "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
