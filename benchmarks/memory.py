@@ -13,6 +13,7 @@ benchmarks/RESULTS.md and prints it.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import signal
@@ -29,8 +30,8 @@ from benchmarks.quality import RESULTS, invocation, publish  # noqa: E402
 from compress.commands.bench import SHAPES  # noqa: E402
 
 
-def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.dtype) -> int:
-    """A random-weight Llama of `shape` saved as safetensors with the reference tokenizer; its bytes."""
+def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.dtype) -> None:
+    """A random-weight Llama of `shape` saved as safetensors with the reference tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from compress.reference import MODEL_DIR
@@ -40,8 +41,6 @@ def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # built in `dtype`: no float32 copy
     model.save_pretrained(folder, max_shard_size="2GB")
     AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
-    del model
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def peak_of(cmd: list[str], log: Path) -> tuple[int, float, int]:
@@ -72,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         dense = work / "dense"
-        size = write_checkpoint(args.shape, args.layers, dense, getattr(torch, args.dtype))
+        # In a child process: a child's peak (maxrss) counts the parent's own peak memory too,
+        # since the parent's memory map is what the child starts from; so the parent stays small.
+        writer = multiprocessing.get_context("spawn").Process(
+            target=write_checkpoint, args=(args.shape, args.layers, dense, getattr(torch, args.dtype)))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise SystemExit(f"writing the {args.shape} checkpoint failed (exit {writer.exitcode})")
+        size = sum(p.stat().st_size for p in dense.glob("*.safetensors"))
         print(f"checkpoint: {size / 1e9:.2f} GB in {dense}", flush=True)
         for method in args.methods:
             name, _, options = method.partition(":")  # e.g. flap:load-dtype=bfloat16 or disp:steps=2

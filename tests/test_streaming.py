@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from transformers import GenerationConfig
 
 from compress.cli import main
 from compress.errors import CompressError
@@ -28,6 +29,7 @@ def test_streamed_export_writes_the_same_bytes(family, method, tmp_path):
     """Every file but the report equals the in-memory export's: plan (fingerprint included),
     FLAP's rewritten biases, config and each shard, also split into several shards."""
     dense = save_dense(tiny_model(family), tmp_path / "dense")
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=2).save_pretrained(dense)  # a checkpoint's own
     out = {}
     for streaming in ("off", "on"):
         out[streaming] = tmp_path / streaming
