@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import NamedTuple
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 from compress.adapters import get_adapter
 from compress.errors import CompressError
 from compress.methods import METHODS, PruneResult
+from compress.methods.select import ScoredMethod
 from compress.plan import model_identity, tensor_digest
 
-__all__ = ["DenseStream", "prune_streamed", "export_streamed", "streamable_folder", "choose_streaming"]
+__all__ = ["DenseStream", "StreamedPrune", "prune_streamed", "export_streamed", "streamable_folder", "choose_streaming"]
 
 
 def streamable_folder(name_or_path) -> Path | None:
@@ -172,10 +174,18 @@ class DenseStream:
         return {prefix + n: tensor_digest(prefix + n, t) for n, t in module.state_dict().items() if not t.is_meta}
 
 
+class StreamedPrune(NamedTuple):
+    """What `export_streamed` needs from pruning: the result (its rewritten tensors still to come,
+    layer by layer), each layer's input statistics and the method that rewrites them."""
+
+    result: PruneResult
+    stats: list
+    method: ScoredMethod
+
+
 def prune_streamed(stream: DenseStream, method: str, ratio: float, calib: torch.Tensor | None, seed: int = 0,
-                   **settings) -> tuple[PruneResult, list, object]:
-    """`compress.pipeline.prune` for a streamed model: (result without rewritten tensors, each layer's
-    input statistics, the method object); `export_streamed` rewrites the tensors layer by layer."""
+                   **settings) -> StreamedPrune:
+    """`compress.pipeline.prune` for a streamed model (score-based methods only)."""
     from compress.calibration import layer_input_stats, layer_inputs
     from compress.pipeline import check_ratio, record
 
@@ -203,10 +213,10 @@ def prune_streamed(stream: DenseStream, method: str, ratio: float, calib: torch.
     g = adapter.geometry()
     result = PruneResult(m.select_plan(g, torch.stack(heads), torch.stack(mlps), ratio, seed))
     record(result.plan, model_identity(model, g, digests), method, ratio, m, seed)
-    return result, stats, m
+    return StreamedPrune(result, stats, m)
 
 
-def export_streamed(stream: DenseStream, pruned: tuple[PruneResult, list, object], out: str | Path, *,
+def export_streamed(stream: DenseStream, pruned: StreamedPrune, out: str | Path, *,
                     tokenizer=None, calib: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                     overwrite: bool = False, check: bool = True, max_shard_size: str | int = "2GB",
                     comparison=None, extra: dict | None = None) -> dict:

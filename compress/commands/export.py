@@ -161,7 +161,7 @@ def _run_streamed(args, folder, tokenizer, calib, dtype, device) -> dict:
     pruned = prune_streamed(stream, args.method, args.ratio, calib.to(device), seed=args.seed,
                             **method_settings(args))
     prune_s = time.perf_counter() - t1
-    comparison = LayerwiseComparison(stream.model, stream.adapter, pruned[0].plan,
+    comparison = LayerwiseComparison(stream.model, stream.adapter, pruned.result.plan,
                                      token_stream(tokenizer, load_text(TEST_TEXT)), args.seq_len,
                                      args.eval_windows) if args.eval_windows else None
     return export_streamed(stream, pruned, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
