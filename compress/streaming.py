@@ -36,7 +36,7 @@ from compress.methods import METHODS, PruneResult
 from compress.methods.select import ScoredMethod
 from compress.plan import model_identity, tensor_digest
 
-__all__ = ["DenseStream", "StreamedPrune", "prune_streamed", "export_streamed", "streamable_folder", "choose_streaming"]
+__all__ = ["DenseStream", "StreamedPrune", "prune_streamed", "export_streamed", "validate_streamed", "streamable_folder", "choose_streaming"]
 
 
 def streamable_folder(name_or_path) -> Path | None:
@@ -49,10 +49,11 @@ def streamable_folder(name_or_path) -> Path | None:
     return path if path.is_dir() and any(path.glob("*.safetensors")) else None
 
 
-def choose_streaming(choice: str, model, method: str, runtime: bool, parity_scope: str) -> Path | None:
+def choose_streaming(choice: str, model, method: str | None, runtime: bool, parity_scope: str) -> Path | None:
     """The folder to stream the dense model from, or None to load it whole.
 
-    "on" insists (a one-line error says why it cannot), "off" never streams, "auto" streams
+    `method` None: any plan (checking an export). "on" insists (a one-line error says why it
+    cannot), "off" never streams, "auto" streams
     when it can and the model is too large for the whole-model parity checks (about three
     float64 copies; see validation.parity.resolve_scope), i.e. where only the layer-by-layer
     check would run anyway.
@@ -63,7 +64,7 @@ def choose_streaming(choice: str, model, method: str, runtime: bool, parity_scop
         return None
     folder = streamable_folder(model)
     why = ("the model is not a local folder of safetensors" if folder is None
-           else f"method {method!r} needs the whole model in memory" if not METHODS[method].streamable
+           else f"method {method!r} needs the whole model in memory" if method and not METHODS[method].streamable
            else "run-time pruning (--runtime) needs the whole model" if runtime
            else "--parity-scope model runs the whole model" if parity_scope == "model" else None)
     if choice == "on":
@@ -294,3 +295,59 @@ def export_streamed(stream: DenseStream, pruned: StreamedPrune, out: str | Path,
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
         write_report(folder, report)
     return report
+
+
+def validate_streamed(stream: DenseStream, plan, replaced: dict, folder: str | Path, dtype: torch.dtype,
+                      ids: torch.Tensor) -> list:
+    """`compress validate`'s checks with the dense model streamed: the plan's fingerprint, then per
+    layer the folder's tensors == the slim tensors the plan gives (read one at a time) and the
+    slim layer == the masked dense layer in float64. Returns the files and layers checks; a plan
+    made for another model raises PlanMismatchError."""
+    from compress.slimming import slim_layer_state_dict, slim_shared_state_dict
+    from exporters.hf_folder import INDEX_FILE
+    from validation.parity import TOLERANCES, Check, LayerChecker
+
+    folder = Path(folder)
+    model, adapter = stream.model, stream.adapter
+    g = adapter.geometry()
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        raise CompressError(f"{folder}: no {INDEX_FILE}; not a folder written by `compress export`")
+    weight_map = json.loads(index.read_text())["weight_map"]
+    name = str(dtype).removeprefix("torch.")
+
+    def differs(sd: dict[str, torch.Tensor], prefix: str) -> str | None:
+        for k, want in sd.items():
+            key = prefix + k
+            if key not in weight_map:
+                return f"tensor {key} is missing from the folder"
+            try:
+                with safe_open(str(folder / weight_map[key]), framework="pt") as f:
+                    have = f.get_tensor(key)
+            except Exception as e:  # safetensors raises its own error types for truncated files
+                raise CompressError(f"{folder / weight_map[key]}: unreadable safetensors file ({e})") from None
+            if not torch.equal(have, want.to(dtype) if want.is_floating_point() else want):
+                return f"tensor {key} on disk differs from the slim tensor the plan gives"
+        return None
+
+    digests = stream.digests(model)
+    for i in tqdm(range(stream.num_layers), desc="fingerprint", unit="layer", dynamic_ncols=True):
+        with stream.layer(i) as layer:
+            digests.update(stream.digests(layer, stream.prefixes[i]))
+    plan.check_identity(model_identity(model, g, digests))
+    print(f"plan matches {stream.folder} ({plan.base.get('fingerprint')})")
+    checker = LayerChecker(model, adapter, plan, ids)
+    shared = slim_shared_state_dict(model, adapter, replaced)
+    problem, names = differs(shared, ""), set(shared)
+    for i in tqdm(range(stream.num_layers), desc="checking layers", unit="layer", dynamic_ncols=True):
+        with stream.layer(i) as layer, torch.no_grad():
+            prefix = stream.prefixes[i]
+            sd = slim_layer_state_dict(model, adapter, plan, i, replaced)
+            problem = problem or differs(sd, f"model.layers.{i}.")
+            names.update(f"model.layers.{i}.{k}" for k in sd)
+            checker.step(i, layer, {k: v for k, v in replaced.items() if k.startswith(prefix)}, sd, prefix)
+    extra = sorted(set(weight_map) - names)
+    problem = problem or (f"the folder holds tensors the plan does not give: {extra[:3]}" if extra else None)
+    files = Check("files", "cpu", name, float("inf") if problem else 0.0, TOLERANCES["float64"], problem is None,
+                  problem or "every tensor identical to the layer-checked slim tensors (model not run: streamed)")
+    return [files, checker.finish(shared)]

@@ -129,3 +129,27 @@ def test_a_layer_holds_memory_only_while_it_is_read(tmp_path):
     assert all(p.is_meta for p in layers[1].parameters())
     with pytest.raises(CompressError, match="whole model"):
         prune_streamed(stream, "tyr", 0.5, torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_streamed_validate_passes_then_catches_a_tampered_tensor_and_another_model(tmp_path, capsys):
+    """`validate --streaming on` checks a folder layer by layer against a dense model it never holds:
+    the folder as written passes; a plan made for another model is refused; one weight changed by
+    1e-3 fails the files check."""
+    from safetensors.torch import load_file, save_file
+
+    dense = save_dense(tiny_model("phi3"), tmp_path / "dense")
+    out = tmp_path / "slim"
+    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(out),
+                 "--streaming", "on", *FAST]) == 0
+    assert main(["validate", str(out), "--model", str(dense), "--streaming", "on"]) == 0
+    assert "layers one at a time" in capsys.readouterr().out
+    other = save_dense(tiny_model("phi3", seed=1), tmp_path / "other")
+    assert main(["validate", str(out), "--model", str(other), "--streaming", "on"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    shard = next(out.glob("model*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] += 1e-3
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert main(["validate", str(out), "--model", str(dense), "--streaming", "on"]) == 2
+    assert "files" in capsys.readouterr().err

@@ -27,6 +27,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="device for the dense model: auto, cpu, cuda")
     p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
     add_scope_argument(p)
+    p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                   help="read the dense model one decoder layer at a time from its safetensors folder (layer "
+                        "checks only); auto (default): when the whole-model checks would not fit in memory")
 
 
 def load_export(folder: Path) -> tuple[dict, Plan, dict]:
@@ -68,20 +71,52 @@ def probe_tensors(folder: Path, expected: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compress.adapters import get_adapter
-    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from compress.plan import model_identity
+    from compress.loading import load_tokenizer, resolve_dtype
     from compress.reference import CALIB_TEXT
-    from compress.slimming import slim_state_dict
+    from compress.streaming import choose_streaming
     from compress.textdata import load_text, token_stream, windows
-    from validation.parity import check_files, equivalence_checks, raise_on_failure, resolve_scope
+    from validation.parity import raise_on_failure
 
     folder = args.folder.resolve()
     report, plan, replaced = load_export(folder)
     base = args.model or report.get("base_model")
+    base = None if base in (None, "reference") else base
     dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
-    model = load_model(None if base in (None, "reference") else base, dtype="auto", export_dtype=dtype,
-                       device=resolve_device(args.device))
+    tokenizer = load_tokenizer(folder)
+    ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
+    dense_folder = choose_streaming(args.streaming, base, None, bool(plan.runtime), args.parity_scope)
+    if dense_folder is not None:
+        checks = _streamed_checks(dense_folder, plan, replaced, folder, dtype, ids, args.device)
+    else:
+        checks = _checks(base, plan, replaced, folder, dtype, ids, args)
+    for c in checks:
+        print("parity " + c.line())
+    if args.json:
+        args.json.write_text(json.dumps([c.to_dict() for c in checks], indent=1) + "\n")
+    raise_on_failure(checks)
+    print(f"{folder}: all {len(checks)} checks passed")
+    return 0
+
+
+def _streamed_checks(dense_folder, plan, replaced, folder, dtype, ids, device) -> list:
+    from transformers import AutoConfig
+
+    from compress.loading import load_dtype, resolve_device
+    from compress.streaming import DenseStream, validate_streamed
+
+    held = load_dtype(AutoConfig.from_pretrained(dense_folder), "auto", dtype)
+    return validate_streamed(DenseStream(dense_folder, held, resolve_device(device)), plan, replaced, folder, dtype,
+                             ids)
+
+
+def _checks(base, plan, replaced, folder, dtype, ids, args) -> list:
+    from compress.adapters import get_adapter
+    from compress.loading import load_model, resolve_device
+    from compress.plan import model_identity
+    from compress.slimming import slim_state_dict
+    from validation.parity import check_files, equivalence_checks, resolve_scope
+
+    model = load_model(base, dtype="auto", export_dtype=dtype, device=resolve_device(args.device))
     adapter = get_adapter(model.config)
     plan.check_identity(model_identity(model, adapter.geometry()))
     print(f"plan matches {base or 'the reference model'} ({plan.base.get('fingerprint')})")
@@ -94,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
         raise CompressError("Probe Pruning's checks run the whole model in float64: use --parity-scope model")
     files = check_files(folder, model, adapter, plan, replaced, expected, scope)
     del expected
-    tokenizer = load_tokenizer(folder)
-    ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 48, 3)
     checks = [files, *equivalence_checks(model, adapter, plan, replaced, ids, scope)]
     if plan.runtime:
         from transformers import AutoModelForCausalLM
@@ -104,10 +137,4 @@ def run(args: argparse.Namespace) -> int:
 
         served = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
         checks += probe_checks(served, model, adapter, plan, replaced, ids)
-    for c in checks:
-        print("parity " + c.line())
-    if args.json:
-        args.json.write_text(json.dumps([c.to_dict() for c in checks], indent=1) + "\n")
-    raise_on_failure(checks)
-    print(f"{folder}: all {len(checks)} checks passed")
-    return 0
+    return checks
