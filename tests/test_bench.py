@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -56,6 +57,9 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
                 "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider) | random disp@0.5 |"):
         assert row in printed, row
+    peer = importlib.util.find_spec("onnxruntime_genai") is not None  # CI installs the [peer] extra
+    assert ("| onnxruntime-genai (peer) | dense |" in printed) == peer
+    assert ("peer skipped: onnxruntime-genai is not installed" in printed) == (not peer)
     speed = json.loads((out / "report.json").read_text())["speed"]
     assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}
     assert speed["bandwidth"] > 1e8 and speed["batch"] == 1

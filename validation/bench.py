@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from compress.slim.modeling_slim import CACHE_NAME
 
 __all__ = ["Speed", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES", "torch_speed", "onnx_speed",
+           "peer_speed",
            "format_table"]
 
 # Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
@@ -128,6 +129,30 @@ def onnx_speed(runner, slim, name: str, batch: int, prompt: int, new_tokens: int
     t_dec = max(t_all - t_pre, 1e-9)
     return Speed(f"onnxruntime ({runner.provider})", name, batch * prompt / t_pre, batch * new_tokens / t_dec,
                  bytes_per_token(slim, batch, prompt + new_tokens // 2))
+
+
+def peer_speed(folder, model, batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> Speed:
+    """Speed of an onnxruntime-genai model folder (the model builder's graph of `model`, the dense
+    model): prefill = appending the prompt, decode = `new_tokens` calls of generate_next_token."""
+    import onnxruntime_genai as og
+
+    peer = og.Model(str(folder))
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt), dtype=np.int32)
+    pre, dec = [], []
+    for _ in range(repeats + 1):  # the first run warms up
+        params = og.GeneratorParams(peer)
+        params.set_search_options(max_length=prompt + new_tokens + 1, do_sample=False, batch_size=batch)
+        generator = og.Generator(peer, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+        pre.append(t1 - t0)
+        dec.append(time.perf_counter() - t1)
+    return Speed("onnxruntime-genai (peer)", "dense", batch * prompt / statistics.median(pre[1:]),
+                 batch * new_tokens / max(statistics.median(dec[1:]), 1e-9),
+                 bytes_per_token(model, batch, prompt + new_tokens // 2))
 
 
 def random_plan(g, shape: str, ratio: float, seed: int = 0):

@@ -1,5 +1,6 @@
 """Prefill and decode speed, measured side by side in one run: the stock transformers model, our
-dense (keep-all slim) and slim models in PyTorch, and their ONNX graphs in onnxruntime.
+dense (keep-all slim) and slim models in PyTorch, their ONNX graphs in onnxruntime, and a peer
+(the dense model built and run by onnxruntime-genai, when installed: the [peer] extra).
 
 Slim models come from exported folders (--slim; their report.json then records the figures,
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
@@ -51,6 +52,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
+    p.add_argument("--no-peer", dest="peer", action="store_false",
+                   help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
+                        "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")
     p.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
 
 
@@ -110,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     rows += [torch_speed(m, label, **shape) for label, m in slims.items()]
     if args.onnx:
         rows += _onnx_rows(slims, dtype, shape)
+    if args.peer:
+        rows += _peer_rows(dense, args.model if args.shape is None else None, device, dtype, shape)
     bandwidth = read_bandwidth(device)
     title = (f"{name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
              f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, "
@@ -151,3 +157,36 @@ def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
             export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype)
             rows.append(onnx_speed(OnnxRunner(out), m, label, **shape))
     return rows
+
+
+def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
+    """The peer's row, or none with a note saying why (not installed, not CPU float32)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from compress.loading import load_tokenizer
+    from validation.bench import peer_speed
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        print("peer skipped: onnxruntime-genai is not installed (pip install 'compress-llm[peer]')")
+        return []
+    if device.type != "cpu" or dtype != torch.float32:
+        print("peer skipped: compared on CPU in float32 only")
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, out = Path(tmp) / "dense", Path(tmp) / "peer"
+        dense.save_pretrained(hf)
+        load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
+        build = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                 "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        done = subprocess.run(build, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            return []
+        config_path = out / "genai_config.json"
+        config = json.loads(config_path.read_text())  # the same thread count as every other engine
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = torch.get_num_threads()
+        config_path.write_text(json.dumps(config, indent=1))
+        return [peer_speed(out, dense, **shape)]
