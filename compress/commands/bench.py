@@ -177,7 +177,7 @@ def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         hf, out = Path(tmp) / "dense", Path(tmp) / "peer"
-        dense.save_pretrained(hf)
+        _save_plain(dense, hf)
         load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
         build = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                  "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")]
@@ -190,3 +190,19 @@ def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = torch.get_num_threads()
         config_path.write_text(json.dumps(config, indent=1))
         return [peer_speed(out, dense, **shape)]
+
+
+def _save_plain(model, folder: Path) -> None:
+    """config.json + model.safetensors of a loaded model, for tools that read Hugging Face folders
+    (a GGUF-loaded model refuses save_pretrained: its weights are already dequantized here)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]  # as save_pretrained records it (GGUF configs lack it)
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
