@@ -57,15 +57,9 @@ def test_validate_passes_then_catches_a_tampered_tensor(exported, tmp_path, caps
     assert main(["validate", str(out), "--model", str(dense)]) == 0
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    shard = next(bad.glob("model*.safetensors"))
-    tensors = load_file(shard)
-    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, shard, metadata={"format": "pt"})
+    tamper(bad, "mlp.down_proj.weight")
     assert main(["validate", str(bad), "--model", str(dense)]) == 2
     assert "files" in capsys.readouterr().err
 
@@ -78,21 +72,28 @@ def test_layer_scope_when_float64_copies_do_not_fit(exported, tmp_path, monkeypa
     dense, out = exported
     monkeypatch.setattr(memory, "available_memory", lambda: 1024)
     small = tmp_path / "small"
-    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(small), *FAST]) == 0
+    whole = ["--streaming", "off"]  # the model loaded whole (tests/test_streaming.py streams it)
+    assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(small), *FAST,
+                 *whole]) == 0
     report = json.loads((small / "report.json").read_text())
-    assert report["parity_scope"] == "layers"
+    assert report["parity_scope"] == "layers" and "streamed" not in report
     assert [c["name"] for c in report["parity"]] == ["layers", "files"]
-    assert main(["validate", str(small), "--model", str(dense)]) == 0
+    assert main(["validate", str(small), "--model", str(dense), *whole]) == 0
     assert "layers one at a time" in capsys.readouterr().out
+    tamper(small, "self_attn.o_proj.weight")
+    assert main(["validate", str(small), "--model", str(dense), *whole]) == 2
+    assert "files" in capsys.readouterr().err
+
+
+def tamper(folder: Path, suffix: str) -> None:
+    """Add 1e-3 to one weight (the first tensor whose name ends in `suffix`) of an exported folder."""
     from safetensors.torch import load_file, save_file
 
-    shard = next(small.glob("model*.safetensors"))
+    shard = next(folder.glob("model*.safetensors"))
     tensors = load_file(shard)
-    name = next(k for k in tensors if k.endswith("self_attn.o_proj.weight"))
+    name = next(k for k in tensors if k.endswith(suffix))
     tensors[name][0, 0] += 1e-3
     save_file(tensors, shard, metadata={"format": "pt"})
-    assert main(["validate", str(small), "--model", str(dense)]) == 2
-    assert "files" in capsys.readouterr().err
 
 
 def test_validate_catches_a_broken_modeling_file(exported, tmp_path, capsys):

@@ -13,7 +13,7 @@ from compress.cli import main
 from compress.errors import CompressError
 from compress.streaming import DenseStream, choose_streaming, prune_streamed
 from exporters.hf_folder import INDEX_FILE, ShardWriter
-from test_pipeline import FAST, save_dense
+from test_pipeline import FAST, save_dense, tamper
 from tiny import TINY_CONFIGS, tiny_model
 
 OWN = {"report.json", "report.md"}  # timings and which checks ran differ by design
@@ -135,8 +135,6 @@ def test_streamed_validate_passes_then_catches_a_tampered_tensor_and_another_mod
     """`validate --streaming on` checks a folder layer by layer against a dense model it never holds:
     the folder as written passes; a plan made for another model is refused; one weight changed by
     1e-3 fails the files check."""
-    from safetensors.torch import load_file, save_file
-
     dense = save_dense(tiny_model("phi3"), tmp_path / "dense")
     out = tmp_path / "slim"
     assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(out),
@@ -146,10 +144,6 @@ def test_streamed_validate_passes_then_catches_a_tampered_tensor_and_another_mod
     other = save_dense(tiny_model("phi3", seed=1), tmp_path / "other")
     assert main(["validate", str(out), "--model", str(other), "--streaming", "on"]) == 2
     assert "fingerprint" in capsys.readouterr().err
-    shard = next(out.glob("model*.safetensors"))
-    tensors = load_file(shard)
-    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
-    tensors[name][0, 0] += 1e-3
-    save_file(tensors, shard, metadata={"format": "pt"})
+    tamper(out, "mlp.down_proj.weight")
     assert main(["validate", str(out), "--model", str(dense), "--streaming", "on"]) == 2
     assert "files" in capsys.readouterr().err
