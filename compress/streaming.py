@@ -80,6 +80,17 @@ def choose_streaming(choice: str, model, method: str | None, runtime: bool, pari
     return folder if resolve_scope("auto", dense_params(AutoConfig.from_pretrained(folder))) == "layers" else None
 
 
+@contextmanager
+def _opened(path: Path):
+    """safe_open with a one-line error for a missing, truncated or corrupt file."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types
+        raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
+    with f:
+        yield f
+
+
 class DenseStream:
     """A dense checkpoint whose decoder layers are read from disk on demand (`layer(i)`).
 
@@ -122,7 +133,7 @@ class DenseStream:
             return {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         files = {}
         for path in sorted(self.folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
+            with _opened(path) as f:
                 files.update(dict.fromkeys(f.keys(), path))
         return files
 
@@ -149,7 +160,7 @@ class DenseStream:
         for n in names:
             by_file.setdefault(self.files[self._key(prefix + n)], []).append(n)
         for path, group in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with _opened(path) as f:
                 for n in group:
                     t = f.get_tensor(self._key(prefix + n))
                     t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)

@@ -201,6 +201,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     shard = next(broken.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _fails(["export", "--model", str(broken), "--ratio", "0.3", "--out", str(out), *common], capsys, "cannot load")
+    _fails(["export", "--model", str(broken), "--ratio", "0.3", "--out", str(out), "--streaming", "on", *common],
+           capsys, "unreadable safetensors")
+    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), "--max-shard-size", "big", *common],
+           capsys, "not a size")
     short = tmp_path / "short.txt"
     short.write_text("just a few words of text")
     _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), "--calib", str(short),

@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
     from compress.streaming import choose_streaming
-    from exporters.hf_folder import parse_size
     from compress.textdata import calibration_windows, load_text, token_stream
+    from exporters.hf_folder import parse_size
 
     check_ratio(args.ratio)
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
