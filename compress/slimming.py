@@ -16,7 +16,7 @@ from compress.slim import SlimConfig, SlimForCausalLM
 from compress.slim import AUTO_MAP
 
 __all__ = ["slim_config", "slim_state_dict", "slim_shared_state_dict", "slim_layer_state_dict", "build_slim_model",
-           "slim_model"]
+           "slim_model", "layer_tables", "final_tensors"]
 
 
 class _Weights:
@@ -160,6 +160,26 @@ def _norm(sd, name, w: _Weights, module) -> None:
     bias = w.get(module, "bias")
     if bias is not None:
         sd[name + ".bias"] = bias
+
+
+def layer_tables(config: SlimConfig, x: torch.Tensor) -> tuple:
+    """(cos, sin, mask) a SlimDecoderLayer takes for hidden states x [B, T, hidden] of unpadded
+    windows starting at position 0 (cos/sin None for learned positions): running slim layers
+    one at a time, outside a SlimModel."""
+    from compress.slim.modeling_slim import SlimModel
+
+    with torch.device("meta"):
+        skeleton = SlimModel(config)  # rotary frequencies and masking only; no weights
+    B, T = x.shape[:2]
+    cos, sin = skeleton.rotary(torch.arange(T, device=x.device).expand(B, T), x)
+    return cos, sin, skeleton._mask(torch.ones(B, T, dtype=torch.long, device=x.device), 0, T, x.device)
+
+
+def final_tensors(shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(final norm's state dict, LM head weight) from `slim_shared_state_dict`'s tensors (a tied
+    head is the embedding)."""
+    norm = {k.removeprefix("model.norm."): v for k, v in shared.items() if k.startswith("model.norm.")}
+    return norm, shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
 
 
 def build_slim_model(model, adapter: Adapter, plan: Plan, replaced=None) -> SlimForCausalLM:

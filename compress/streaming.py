@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +34,7 @@ from compress.errors import CompressError
 from compress.methods import METHODS, PruneResult
 from compress.methods.select import ScoredMethod
 from compress.plan import model_identity, tensor_digest
+from exporters.hf_folder import open_safetensors
 
 __all__ = ["DenseStream", "StreamedPrune", "prune_streamed", "export_streamed", "validate_streamed", "streamable_folder", "choose_streaming"]
 
@@ -80,17 +80,6 @@ def choose_streaming(choice: str, model, method: str | None, runtime: bool, pari
     return folder if resolve_scope("auto", dense_params(AutoConfig.from_pretrained(folder))) == "layers" else None
 
 
-@contextmanager
-def _opened(path: Path):
-    """safe_open with a one-line error for a missing, truncated or corrupt file."""
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types
-        raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
-    with f:
-        yield f
-
-
 class DenseStream:
     """A dense checkpoint whose decoder layers are read from disk on demand (`layer(i)`).
 
@@ -133,7 +122,7 @@ class DenseStream:
             return {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         files = {}
         for path in sorted(self.folder.glob("*.safetensors")):
-            with _opened(path) as f:
+            with open_safetensors(path) as f:
                 files.update(dict.fromkeys(f.keys(), path))
         return files
 
@@ -160,7 +149,7 @@ class DenseStream:
         for n in names:
             by_file.setdefault(self.files[self._key(prefix + n)], []).append(n)
         for path, group in by_file.items():
-            with _opened(path) as f:
+            with open_safetensors(path) as f:
                 for n in group:
                     t = f.get_tensor(self._key(prefix + n))
                     t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
@@ -310,55 +299,42 @@ def export_streamed(stream: DenseStream, pruned: StreamedPrune, out: str | Path,
 
 def validate_streamed(stream: DenseStream, plan, replaced: dict, folder: str | Path, dtype: torch.dtype,
                       ids: torch.Tensor) -> list:
-    """`compress validate`'s checks with the dense model streamed: the plan's fingerprint, then per
-    layer the folder's tensors == the slim tensors the plan gives (read one at a time) and the
-    slim layer == the masked dense layer in float64. Returns the files and layers checks; a plan
-    made for another model raises PlanMismatchError."""
+    """`compress validate`'s checks with the dense model streamed, in one pass over its layers: per
+    layer the folder's tensors == the slim tensors the plan gives (read one at a time) and the slim
+    layer == the masked dense layer in float64, the weights' fingerprint collected on the way.
+    Returns the files and layers checks; a plan made for another model raises PlanMismatchError."""
     from compress.slimming import slim_layer_state_dict, slim_shared_state_dict
-    from exporters.hf_folder import INDEX_FILE
+    from exporters.hf_folder import tensors_differ, weight_map
     from validation.parity import TOLERANCES, Check, LayerChecker
 
     folder = Path(folder)
     model, adapter = stream.model, stream.adapter
     g = adapter.geometry()
-    index = folder / INDEX_FILE
-    if not index.is_file():
-        raise CompressError(f"{folder}: no {INDEX_FILE}; not a folder written by `compress export`")
-    weight_map = json.loads(index.read_text())["weight_map"]
-    name = str(dtype).removeprefix("torch.")
+    names = weight_map(folder)
+    # architecture and shapes now (a wrong-shaped model would fail obscurely); the weights' fingerprint below
+    plan.check_identity({**model_identity(model, g, {}), "fingerprint": plan.base.get("fingerprint")})
 
     def differs(sd: dict[str, torch.Tensor], prefix: str) -> str | None:
-        for k, want in sd.items():
-            key = prefix + k
-            if key not in weight_map:
-                return f"tensor {key} is missing from the folder"
-            try:
-                with safe_open(str(folder / weight_map[key]), framework="pt") as f:
-                    have = f.get_tensor(key)
-            except Exception as e:  # safetensors raises its own error types for truncated files
-                raise CompressError(f"{folder / weight_map[key]}: unreadable safetensors file ({e})") from None
-            if not torch.equal(have, want.to(dtype) if want.is_floating_point() else want):
-                return f"tensor {key} on disk differs from the slim tensor the plan gives"
-        return None
+        return tensors_differ(folder, names, {prefix + k: v.to(dtype) if v.is_floating_point() else v
+                                              for k, v in sd.items()})
 
-    digests = stream.digests(model)
-    for i in tqdm(range(stream.num_layers), desc="fingerprint", unit="layer", dynamic_ncols=True):
-        with stream.layer(i) as layer:
-            digests.update(stream.digests(layer, stream.prefixes[i]))
-    plan.check_identity(model_identity(model, g, digests))
-    print(f"plan matches {stream.folder} ({plan.base.get('fingerprint')})")
     checker = LayerChecker(model, adapter, plan, ids)
+    digests = stream.digests(model)
     shared = slim_shared_state_dict(model, adapter, replaced)
-    problem, names = differs(shared, ""), set(shared)
+    problem, seen = differs(shared, ""), set(shared)
     for i in tqdm(range(stream.num_layers), desc="checking layers", unit="layer", dynamic_ncols=True):
         with stream.layer(i) as layer, torch.no_grad():
             prefix = stream.prefixes[i]
+            digests.update(stream.digests(layer, prefix))
             sd = slim_layer_state_dict(model, adapter, plan, i, replaced)
             problem = problem or differs(sd, f"model.layers.{i}.")
-            names.update(f"model.layers.{i}.{k}" for k in sd)
+            seen.update(f"model.layers.{i}.{k}" for k in sd)
             checker.step(i, layer, {k: v for k, v in replaced.items() if k.startswith(prefix)}, sd, prefix)
-    extra = sorted(set(weight_map) - names)
+    plan.check_identity(model_identity(model, g, digests))
+    print(f"plan matches {stream.folder} ({plan.base.get('fingerprint')})")
+    extra = sorted(set(names) - seen)
     problem = problem or (f"the folder holds tensors the plan does not give: {extra[:3]}" if extra else None)
+    name = str(dtype).removeprefix("torch.")
     files = Check("files", "cpu", name, float("inf") if problem else 0.0, TOLERANCES["float64"], problem is None,
                   problem or "every tensor identical to the layer-checked slim tensors (model not run: streamed)")
     return [files, checker.finish(shared)]

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from compress.errors import CompressError
 from compress.slim import SOURCE_FILES
 
-__all__ = ["staged_folder", "ShardWriter", "write_weights", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
+__all__ = ["staged_folder", "ShardWriter", "write_weights", "weight_map", "tensors_differ", "open_safetensors", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPLACED_FILE = "replaced.safetensors"
@@ -74,10 +74,21 @@ def _raw(t: torch.Tensor):
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """safe_open with a one-line error for a missing, truncated or corrupt file."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types
+        raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
+    with f:
+        yield f
+
+
 def _digest_on_disk(path: Path, name: str) -> str:
     """SHA-256 of one tensor's bytes as safetensors reads it back (the file is opened per tensor:
     its memory map, and the resident pages that count against this process, last one tensor)."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return hashlib.sha256(_raw(f.get_tensor(name)).data).hexdigest()
 
 
@@ -181,28 +192,39 @@ def write_weights(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_s
     return writer.close()
 
 
-def weights_differ(folder: Path, expected: dict[str, torch.Tensor]) -> str | None:
-    """Why the tensors of a folder written by `write_weights` are not exactly `expected`, or None.
-
-    Reads one tensor at a time, so checking a 7B export never holds a second copy of it.
-    An unreadable or truncated shard is a one-line CompressError.
-    """
+def weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a folder written by `write_weights`."""
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         raise CompressError(f"{folder}: no {INDEX_FILE}; not a folder written by `compress export`")
-    weight_map = json.loads(index_path.read_text())["weight_map"]
-    if weight_map.keys() != expected.keys():
-        diff = sorted(weight_map.keys() ^ expected.keys())
+    return json.loads(index_path.read_text())["weight_map"]
+
+
+def weights_differ(folder: Path, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why the tensors of a folder written by `write_weights` are not exactly `expected`, or None."""
+    names = weight_map(folder)
+    if names.keys() != expected.keys():
+        diff = sorted(names.keys() ^ expected.keys())
         return f"tensor names differ from the slim state dict: {diff[:3]}"
+    return tensors_differ(folder, names, expected)
+
+
+def tensors_differ(folder: Path, names: dict[str, str], expected: dict[str, torch.Tensor]) -> str | None:
+    """Why the folder's tensors named in `expected` (`names`: its `weight_map`) are not exactly
+    those, or None. Reads one tensor at a time, so checking a 7B export never holds a second copy
+    of it; an unreadable or truncated shard is a one-line CompressError."""
+    absent = [k for k in expected if k not in names]
+    if absent:
+        return f"tensor {absent[0]} is missing from the folder"
     by_file: dict[str, list[str]] = {}
-    for name, filename in weight_map.items():
-        by_file.setdefault(filename, []).append(name)
-    for filename, names in sorted(by_file.items()):
+    for name in expected:
+        by_file.setdefault(names[name], []).append(name)
+    for filename, group in sorted(by_file.items()):
         try:
             with safe_open(str(folder / filename), framework="pt") as f:
-                missing = sorted(set(names) - set(f.keys()))
+                missing = sorted(set(group) - set(f.keys()))
                 differs = None if missing else next(
-                    (k for k in names if not torch.equal(f.get_tensor(k), expected[k].cpu())), None)
+                    (k for k in group if not torch.equal(f.get_tensor(k), expected[k].cpu())), None)
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise CompressError(f"{folder / filename}: unreadable safetensors file ({e})") from None
         if missing:

@@ -216,8 +216,7 @@ class LayerChecker:
     @torch.no_grad()
     def __init__(self, dense, adapter: Adapter, plan: Plan, ids: torch.Tensor, slim_plan: Plan | None = None):
         from compress.calibration import layer_inputs
-        from compress.slim.modeling_slim import SlimModel
-        from compress.slimming import slim_config
+        from compress.slimming import layer_tables, slim_config
 
         self.dense, self.adapter, self.g = dense, adapter, adapter.geometry()
         plan.check(self.g)
@@ -225,20 +224,17 @@ class LayerChecker:
         self.masks = plan_masks(plan, self.g)
         ids = ids[:2, :48].to(next(dense.parameters()).device)
         self.config = slim_config(dense, adapter, self.build)
-        with torch.device("meta"):
-            skeleton = SlimModel(self.config)  # rotary tables and mask only
         (args, kwargs), = layer_inputs(dense, adapter, ids, batch_size=ids.shape[0])
         self.x = _cpu64(args[0] if args else kwargs["hidden_states"])
         self.args = _cpu64(args[1:])
         self.kwargs = {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
-        B, T = self.x.shape[:2]
-        positions = torch.arange(T).expand(B, T)
-        self.cos, self.sin = skeleton.rotary(positions, self.x)
+        self.cos, self.sin, self.mask = layer_tables(self.config, self.x)
         rotary = adapter.rotary_module(dense)
         if "position_embeddings" in self.kwargs and rotary is not None:  # the dense model's own tables, in float64
             device = next(dense.parameters()).device
-            self.kwargs["position_embeddings"] = _cpu64(rotary(self.x.to(device), positions.to(device)))
-        self.mask = skeleton._mask(torch.ones(B, T, dtype=torch.long), 0, T, self.x.device)
+            B, T = self.x.shape[:2]
+            self.kwargs["position_embeddings"] = _cpu64(rotary(self.x.to(device), torch.arange(T, device=device)
+                                                               .expand(B, T)))
         self.worst, self.where = 0.0, ""
 
     @torch.no_grad()
@@ -272,11 +268,11 @@ class LayerChecker:
     def finish(self, shared: dict[str, torch.Tensor]) -> Check:
         """The final norm and LM head (the slim side's from `shared`), then the check's verdict."""
         from compress.slim.modeling_slim import make_norm
+        from compress.slimming import final_tensors
 
         dense, g = self.dense, self.g
-        head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
-        norm = _module(make_norm(self.config, g.hidden),
-                       {k.removeprefix("model.norm."): v for k, v in shared.items() if k.startswith("model.norm.")})
+        norm_sd, head = final_tensors(shared)
+        norm = _module(make_norm(self.config, g.hidden), norm_sd)
         ref_norm = copy.deepcopy(self.adapter.final_norm(dense)).to("cpu", torch.float64)
         ref_head = dense.get_output_embeddings().weight
         x = self.x

@@ -161,21 +161,15 @@ class LayerwiseComparison:
     def __init__(self, dense, adapter, plan, ids: torch.Tensor, seq_len: int = 256, max_windows: int | None = None,
                  batch_size: int = 8):
         from compress.calibration import layer_inputs
-        from compress.slim.modeling_slim import SlimModel
-        from compress.slimming import slim_config
+        from compress.slimming import layer_tables, slim_config
 
         self.dense, self.adapter = dense, adapter
         self.wins, self.first, self.mode, self.stride = _plan(ids, seq_len, None, max_windows)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.config = slim_config(dense, adapter, plan)
-        with torch.device("meta"):
-            skeleton = SlimModel(self.config)  # rotary tables and mask only
         self.dense_in = layer_inputs(dense, adapter, self.wins, batch_size)
         self.slim_x = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.dense_in]
-        x = self.slim_x[0]
-        B, T = x.shape[:2]
-        self.cos, self.sin = skeleton.rotary(torch.arange(T, device=x.device).expand(B, T), x)
-        self.mask = skeleton._mask(torch.ones(B, T, dtype=torch.long, device=x.device), 0, T, x.device)
+        self.cos, self.sin, self.mask = layer_tables(self.config, self.slim_x[0])
 
     @torch.no_grad()
     def step(self, i: int, layer, slim_sd: dict[str, torch.Tensor], config) -> None:
@@ -196,11 +190,11 @@ class LayerwiseComparison:
     def finish(self, shared: dict[str, torch.Tensor]) -> dict:
         """The report's quality entry: windows, perplexities, KL and top-1 agreement."""
         from compress.slim.modeling_slim import make_norm
+        from compress.slimming import final_tensors
 
+        norm_sd, head = final_tensors(shared)
         norm = make_norm(self.config, self.config.hidden_size)
-        norm.load_state_dict({k.removeprefix("model.norm."): v for k, v in shared.items()
-                              if k.startswith("model.norm.")}, strict=False, assign=True)
-        head = shared.get("lm_head.weight", shared["model.embed_tokens.weight"])
+        norm.load_state_dict(norm_sd, strict=False, assign=True)
         dense_norm, dense_head = self.adapter.final_norm(self.dense), self.dense.get_output_embeddings()
         pos = torch.arange(self.seq_len - 1)
         tally = _Tally()
