@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from compress.adapters import get_adapter
-from compress.masking import LayerMasks, masked, plan_masks
+from compress.masking import LayerMasks, masked, plan_masks, replaced_weights
 from compress.methods import METHODS
 from compress.methods.disp import DISP, _checkpointed, _frozen, build_plan, select, structures
+from compress.methods.refit import refit_plan
+from compress.methods.tyr_obs import DAMPING
 from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_params, relax
 from compress.plan import LayerPlan, linear_params
 from compress.slimming import build_slim_model
@@ -58,7 +60,7 @@ def test_registered_with_cli_options():
     args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads", "--objective", "kl"])
     options = {k: v for k, v in DISP.defaults.items() if k != "layer_targets"}  # set by tyr+disp, no option
     assert {k: getattr(args, k) for k in options} == {**options, "lam": 4.0, "steps": 7, "prune_heads": True,
-                                                      "objective": "kl"}
+                                                      "objective": "kl", "refit": None}  # None: the method's own
     assert not DISP.defaults["prune_heads"]
 
 
@@ -250,3 +252,56 @@ def test_layer_targets_are_met_layer_by_layer():
     result = DISP(steps=3, batch_size=2, layer_targets=targets).prune(model, adapter, 0.5, _calib(4, 16), 0)
     for lp, t in zip(result.plan.layers, targets):
         assert abs(linear_params(g, lp) / linear_params(g) - t) < 0.02, (linear_params(g, lp) / linear_params(g), t)
+
+
+def test_refit_is_the_damped_least_squares_solution():
+    """Layer 0's refitted q/k/v and down_proj equal a ridge lstsq on the inputs computed here."""
+    model, adapter, plan = _prune(ratio=0.5)
+    lp, g = plan.layers[0], adapter.geometry()
+    assert lp.attn_in is not None and lp.mlp_hidden is not None
+    calib = _calib(4, 16, seed=3)
+    replaced = refit_plan(model, adapter, plan, calib, batch_size=2)
+    p = adapter.parts(adapter.layers(model)[0])
+    with torch.no_grad():
+        x = p.attn_norm(model.model.embed_tokens(calib)).reshape(-1, g.hidden).double()
+
+    def ridge(x, w, cols):
+        lam = DAMPING * (x.T @ x).diagonal().mean()
+        k = torch.tensor(cols)
+        a = torch.cat([x[:, k], lam.sqrt() * torch.eye(len(cols), dtype=x.dtype)])
+        b = torch.cat([x @ w.double().T, lam.sqrt() * w.double()[:, k].T])
+        out = torch.zeros_like(w, dtype=torch.float64)
+        out[:, k] = torch.linalg.lstsq(a, b).solution.T
+        return out
+
+    for name, mod in (("q_proj", p.q), ("v_proj", p.v)):
+        got = replaced[f"model.layers.0.self_attn.{name}.weight"].double()
+        assert torch.allclose(got, ridge(x, mod.weight.detach(), lp.attn_in), atol=1e-5), name
+    # down_proj reads the MLP channels of the layer as pruned and refitted so far
+    seen = []
+    h = p.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])), prepend=True)
+    with torch.no_grad(), masked(model, adapter, plan_masks(plan, g)[:1]), replaced_weights(model, replaced):
+        model(input_ids=calib)
+    h.remove()
+    got = replaced["model.layers.0.mlp.down_proj.weight"].double()
+    assert torch.allclose(got, ridge(seen[0].double(), p.down.weight.detach(), lp.mlp_hidden), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_refitted_slim_equals_masked_dense(family):
+    """With --refit the slim model still equals the masked dense one with the refitted tensors swapped in,
+    which differs from the plain masked one."""
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    g, calib = adapter.geometry(), _calib(4, 16)
+    result = DISP(**FAST, refit=4, prune_heads=family != "opt").prune(model, adapter, 0.5, calib, 0)
+    assert result.replaced
+    slim = build_slim_model(model, adapter, result.plan, result.replaced)
+    with torch.no_grad():
+        with masked(model, adapter, plan_masks(result.plan, g)):
+            plain = model(input_ids=calib).logits
+            with replaced_weights(model, result.replaced):
+                ref = model(input_ids=calib).logits
+        out = slim(input_ids=calib).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert (ref - plain).abs().max().item() > 1e-3

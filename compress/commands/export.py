@@ -76,7 +76,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def method_settings(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in METHODS[args.method].defaults if hasattr(args, k)}
+    """The options given for the method; an option left at None takes the method's own default."""
+    return {k: v for k in METHODS[args.method].defaults if (v := getattr(args, k, None)) is not None}
 
 
 def run(args: argparse.Namespace) -> int:

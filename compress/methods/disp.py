@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from compress.adapters import Adapter, Geometry
 from compress.masking import LayerMasks, masked
 from compress.methods.base import Method, PruneResult, register
+from compress.methods.refit import refit_plan
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
 
@@ -108,7 +109,7 @@ class DISP(Method):
     # layer_targets: kept fraction of each layer's linear weights (e.g. from Týr's search) instead
     # of one global budget; set by `tyr+disp`, not a CLI option.
     defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "objective": "lm",
-                "layer_targets": None}
+                "refit": 0, "layer_targets": None}
     snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
 
     @classmethod
@@ -129,12 +130,18 @@ class DISP(Method):
                                 "the calibration text (the paper's); kl = KL(dense || pruned) per token, the "
                                 "dense model's own predictions as targets (stays closer to the dense model; "
                                 "one extra forward per step)")
+        group.add_argument("--refit", type=int, default=None, metavar="WINDOWS",
+                           help="DISP: after training, re-solve each pruned linear's kept input columns by least "
+                                "squares on this many calibration windows, layer by layer (Týr's refit; default: "
+                                "0 = off for disp, as the paper; 64 for tyr+disp)")
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         if calib is None or calib.dim() != 2 or calib.shape[1] < 2:
             raise ValueError("disp needs calibration token ids of shape [n_samples, seq_len >= 2]")
         if self.settings["objective"] not in OBJECTIVES:
             raise ValueError(f"disp objective must be one of {', '.join(OBJECTIVES)}, not {self.settings['objective']!r}")
+        if self.settings["refit"] < 0:
+            raise ValueError("disp: --refit must be >= 0 calibration windows")
         g = adapter.geometry()
         kinds = structures(g, self.settings["prune_heads"])
         steps = self.settings["steps"] or default_steps(model, g, self.settings["batch_size"], calib.shape[1])
@@ -143,7 +150,9 @@ class DISP(Method):
         self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps)
         plan = self._plan(g, hyper, kinds, ratio)
         plan.settings = {"steps": steps}  # the resolved default, for the record
-        return PruneResult(plan)
+        if not self.settings["refit"]:
+            return PruneResult(plan)
+        return PruneResult(plan, refit_plan(model, adapter, plan, calib[:self.settings["refit"]]))
 
     def _plan(self, g: Geometry, hyper: HyperNetwork, kinds, ratio: float) -> Plan:
         """The hypernetwork's current deterministic masks, corrected to the budget."""

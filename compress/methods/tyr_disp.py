@@ -3,8 +3,10 @@
 Týr finds how much of each layer to keep (its evolutionary search over per-sublayer sparsity);
 DISP then learns which residual channels, MLP channels (and, with --prune-heads, KV groups)
 each layer keeps, trained towards those per-layer budgets instead of one global budget, and
-corrected to them channel by channel. Týr's refitted weights are not used: DISP selects from
-the dense weights. Every option of `tyr` and `disp` applies.
+corrected to them channel by channel. Last, Týr's least-squares refit re-solves the kept input
+columns of every narrowed linear on DISP's plan, layer by layer (`--refit`, 64 calibration
+windows by default; Týr's own refitted weights belong to its plan, not DISP's). Every option of
+`tyr` and `disp` applies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _DISP_KEYS = [k for k in DISP.defaults if k != "layer_targets"]
 class TyrDisp(Method):
     name = "tyr+disp"
     needs_calibration = True
-    defaults = {**Tyr.defaults, **{k: DISP.defaults[k] for k in _DISP_KEYS}}
+    defaults = {**Tyr.defaults, **{k: DISP.defaults[k] for k in _DISP_KEYS}, "refit": 64}
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         g = adapter.geometry()
