@@ -7,7 +7,10 @@ and layers without attention simply have no such inputs. `onnx_config.json`, whe
 the model, adds the special token ids.
 
 On the CUDA execution provider the present tensors stay on the device between steps (I/O
-binding) and only the logits come back to the host; on CPU, plain numpy in and out.
+binding) and only the logits come back to the host; on CPU, plain numpy in and out. A fused
+graph (GroupQueryAttention, `onnx_config.json` says "graph": "fused") can instead append to
+fixed-size buffers in place (`SharedCache`: the present outputs are bound to the past inputs),
+so a decode step copies no cache at all; `generate` does that on CPU.
 
 A Probe Pruning export has a second graph, `prefill.onnx`, which runs the first step and also
 returns each probed sublayer's chosen indices and the weight rows/columns it gathered for them;
@@ -42,7 +45,7 @@ except ModuleNotFoundError:
     raise ImportError("onnxruntime is not installed: pip install 'compress-llm[cpu]' "
                       "(or 'compress-llm[gpu]' for onnxruntime-gpu)") from None
 
-__all__ = ["OnnxRunner", "Generation", "default_providers"]
+__all__ = ["OnnxRunner", "Generation", "SharedCache", "default_providers"]
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -53,6 +56,20 @@ def default_providers() -> list[str]:
     """CUDA (from onnxruntime-gpu) when this onnxruntime has it, CPU always as the fallback."""
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+@dataclass
+class SharedCache:
+    """KV buffers of a fixed capacity [batch, kv_heads, capacity, head_dim], numpy, in past order,
+    that a fused graph updates in place; `length` tokens (padding included) are written."""
+
+    buffers: list[np.ndarray]
+    length: int = 0
+    binding: object = None  # the I/O binding of the buffers, made on the first step and kept
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2] if self.buffers else 0
 
 
 @dataclass
@@ -106,6 +123,15 @@ class OnnxRunner:
         """A zero-length cache, flat in `past_names` order."""
         return [np.zeros((batch, h, 0, self.head_dim), dtype=self.dtype) for h in self.kv_heads]
 
+    @property
+    def shares_cache(self) -> bool:
+        """Whether `generate` appends to a SharedCache: a fused graph on CPU."""
+        return self.config.get("graph") == "fused" and not self.on_device and self.prefill is None
+
+    def shared_cache(self, batch: int, capacity: int) -> SharedCache:
+        """Empty buffers for `capacity` tokens (prompt, its padding and new tokens): pass as `past`."""
+        return SharedCache([np.zeros((batch, h, capacity, self.head_dim), dtype=self.dtype) for h in self.kv_heads])
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
         """(logits [B, T, V] numpy, present): present is flat in `present_names` order (then, for
         Probe Pruning, the prefill's chosen indices), numpy on CPU and OrtValues on the device
@@ -114,6 +140,8 @@ class OnnxRunner:
         ids = np.asarray(input_ids, dtype=np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
         B, T = ids.shape
+        if isinstance(past, SharedCache):
+            return self._run_shared(ids, attention_mask, position_ids, past), past
         prefill = past is None and self.prefill is not None
         past = ([] if prefill else self.empty_past(B)) if past is None else list(past)
         if attention_mask is None:
@@ -133,6 +161,31 @@ class OnnxRunner:
         if not prefill and self.probe_names:  # the prefill's choice goes on to the next step
             present += past[n:]
         return logits, present
+
+    def _run_shared(self, ids, attention_mask, position_ids, cache: SharedCache) -> np.ndarray:
+        """One step over buffers the graph writes in place: present outputs bound to the past inputs."""
+        T = ids.shape[1]
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"the shared KV cache holds {cache.capacity} tokens; {cache.length + T} needed")
+        mask = (np.ones((ids.shape[0], cache.length + T), dtype=np.int64) if attention_mask is None
+                else np.asarray(attention_mask, dtype=np.int64))
+        if mask.shape[1] != cache.length + T:
+            raise ValueError(f"attention_mask covers {mask.shape[1]} tokens; the cache has {cache.length} + {T} new")
+        pos = positions(mask)[:, -T:] if position_ids is None else np.asarray(position_ids, dtype=np.int64)
+        if cache.binding is None:
+            cache.binding = binding = self.session.io_binding()
+            binding.bind_output(self.session.get_outputs()[0].name, "cpu")  # first: get_outputs() keeps the order
+            for past, present, buffer in zip(self.past_names, self.present_names, cache.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        binding = cache.binding
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(self.session.get_outputs()[0].name, "cpu")  # anew: the last step's has another shape
+        self.session.run_with_iobinding(binding)
+        cache.length += T
+        return binding.get_outputs()[0].numpy()
 
     def _run_bound(self, session, feeds: dict, carried: list):
         """CUDA: KV tensors (and chosen indices) stay on the device; only logits are copied back."""
@@ -166,7 +219,8 @@ class OnnxRunner:
         pad = self.config.get("pad_token_id")
         pad = pad if pad is not None else (int(eos[0]) if eos.size else 0)
         rng = np.random.default_rng(seed)
-        logits, past = self.forward(ids, mask)
+        past = self.shared_cache(ids.shape[0], ids.shape[1] + max_new_tokens) if self.shares_cache else None
+        logits, past = self.forward(ids, mask, past=past)
         pos = positions(mask)[:, -1:]
         done = np.zeros(ids.shape[0], dtype=bool)
         new = []

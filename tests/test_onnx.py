@@ -2,7 +2,8 @@
 
 One export per family (the dynamo exporter takes seconds per graph), shared by the tests of
 that family; the plan prunes residual channels and heads (KV heads differ per layer), removes
-the first layer's attention and the last layer's MLP.
+the first layer's attention and the last layer's MLP. The families the fused graph covers are
+exported both ways ("<family>:fused": 4 heads of 16 dimensions, as GroupQueryAttention needs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from compress.plan import LayerPlan, Plan
 from compress.slim.modeling_slim import CACHE_NAME
 from compress.slimming import build_slim_model
 from exporters.onnx_export import CONFIG_NAME, DATA_NAME, export_onnx
+from exporters.onnx_fused import supported
 from exporters.onnx_runner import OnnxRunner
 from tiny import TINY_CONFIGS, VOCAB, tiny_model
 from validation.parity import compare_onnx
@@ -30,14 +32,21 @@ TOL_FP32 = 1e-4
 TOL_FP16 = 1e-2
 
 
+# Fewer, wider heads (head_dim 16) and even GQA groups: what the fused graph's attention needs.
+WIDE = {"llama": dict(num_attention_heads=4, head_dim=16),
+        "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        "qwen2": dict(num_attention_heads=4, head_dim=16)}
+
+
 def pruning_plan(g) -> Plan:
     """Layer 0: attention removed (its cache would be empty); layer 1: partial residual reads and
-    writes, 3 heads, narrower MLP; layer 2: MLP removed, 2 heads (fewer KV heads than layer 1)."""
+    writes, 3 heads (2 of 4 on wide models: one per KV group), narrower MLP; layer 2: MLP removed,
+    2 heads (fewer KV heads than layer 1)."""
     H = g.hidden
     return Plan(layers=[
         LayerPlan(heads=[], mlp_out=list(range(0, H, 2))),
         LayerPlan(attn_in=list(range(0, H, 2)), attn_out=list(range(1, H, 3)), mlp_in=list(range(8, H)),
-                  heads=[0, 1, 5], mlp_hidden=list(range(0, g.intermediate, 2))),
+                  heads=[0, 1, 5] if g.num_heads == 8 else [0, 2], mlp_hidden=list(range(0, g.intermediate, 2))),
         LayerPlan(mlp_hidden=[], heads=[2, 3], attn_out=list(range(H // 2))),
     ])
 
@@ -46,14 +55,14 @@ def prompts(batch: int = 2, length: int = 10, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS) + [f"{f}:fused" for f in sorted(WIDE)])
 def exported(request, tmp_path_factory):
-    family = request.param
-    model = tiny_model(family)
+    family, _, graph = request.param.partition(":")
+    model = tiny_model(family, **(WIDE[family] if graph else {}))
     adapter = get_adapter(model.config)
     slim = build_slim_model(model, adapter, pruning_plan(adapter.geometry()))
-    out = tmp_path_factory.mktemp(f"onnx_{family}")
-    export_onnx(slim, out)
+    out = tmp_path_factory.mktemp(f"onnx_{family}_{graph or 'traced'}")
+    export_onnx(slim, out, graph=graph or "traced")
     return slim, OnnxRunner(out), out
 
 
@@ -92,6 +101,8 @@ def test_graph_and_config_describe_the_cache(exported):
     ops = Counter(n.op_type for n in graph.node)
     # index_select -> Gather (+ the embedding); index_add -> GatherElements + ScatterElements
     assert ops["Gather"] >= 3 and ops["ScatterElements"] == 3 and ops["GatherElements"] == 3, ops
+    fused = cfg["graph"] == "fused"
+    assert ops["GroupQueryAttention"] == (2 if fused else 0) and runner.shares_cache == fused, ops
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["past_key_values.2.key"] == ["batch", heads[2], "past_sequence", cfg["head_dim"]]
     assert dims["input_ids"] == ["batch", "sequence"]
@@ -109,7 +120,8 @@ def test_onnxruntime_fuses_every_rms_norm(exported, tmp_path):
     ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
     # every norm the graph computes (a layer without attention or MLP skips its norm) is fused
-    assert ops["SimplifiedLayerNormalization"] >= slim.config.num_hidden_layers and "ReduceMean" not in ops, ops
+    norms = ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"]
+    assert norms >= slim.config.num_hidden_layers and "ReduceMean" not in ops, ops
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
@@ -123,11 +135,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     np.testing.assert_array_equal(greedy.new_ids, top1.new_ids)
 
 
-def one_layer(family: str):
+def one_layer(family: str, **overrides):
     """A 1-layer model of the family: the checks below are per layer, and exports cost per node."""
     torch.manual_seed(0)
     config = TINY_CONFIGS[family]()
     config.num_hidden_layers = 1
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # as tiny_model: norms and biases away from 1 and 0
         for p in model.parameters():
@@ -136,10 +150,11 @@ def one_layer(family: str):
     return model
 
 
-def test_dense_keep_all_export_equals_hf_model(tmp_path):
-    model = one_layer("qwen2")
+@pytest.mark.parametrize("graph", ["traced", "fused"])
+def test_dense_keep_all_export_equals_hf_model(tmp_path, graph):
+    model = one_layer("qwen2", **(WIDE["qwen2"] if graph == "fused" else {}))
     adapter = get_adapter(model.config)
-    export_onnx(build_slim_model(model, adapter, Plan.keep_all(adapter.geometry())), tmp_path)
+    export_onnx(build_slim_model(model, adapter, Plan.keep_all(adapter.geometry())), tmp_path, graph=graph)
     runner = OnnxRunner(tmp_path)
     ids = prompts()
     logits, _ = runner.forward(ids)
@@ -150,16 +165,54 @@ def test_dense_keep_all_export_equals_hf_model(tmp_path):
     np.testing.assert_array_equal(runner.generate(ids, max_new_tokens=8, eos_token_id=None).ids, tokens.numpy())
 
 
-def test_float16_export_runs_on_cpu(tmp_path):
-    model = one_layer("llama")
+@pytest.mark.parametrize("graph", ["traced", "fused"])
+def test_float16_export_runs_on_cpu(tmp_path, graph):
+    model = one_layer("llama", **(WIDE["llama"] if graph == "fused" else {}))
     adapter = get_adapter(model.config)
     H = adapter.geometry().hidden
-    plan = Plan(layers=[LayerPlan(attn_in=list(range(0, H, 2)), mlp_out=list(range(H // 2)), heads=[0, 1, 4])])
+    heads = [0, 1, 4] if graph == "traced" else [1, 3]
+    plan = Plan(layers=[LayerPlan(attn_in=list(range(0, H, 2)), mlp_out=list(range(H // 2)), heads=heads)])
     slim = build_slim_model(model, adapter, plan)
-    export_onnx(slim, tmp_path, dtype="float16")
+    export_onnx(slim, tmp_path, dtype="float16", graph=graph)
     runner = OnnxRunner(tmp_path)
     assert runner.dtype == np.float16 and json.loads((tmp_path / CONFIG_NAME).read_text())["dtype"] == "float16"
     assert next(slim.parameters()).dtype == torch.float32  # the caller's model is left as it was
     r = compare_onnx(slim, runner, prompts(), steps=4)
     assert "error" not in r, r
     assert r["max_abs_diff"] <= TOL_FP16
+
+
+def test_fused_graph_says_what_it_cannot_express(tmp_path):
+    """auto falls back to the traced graph and records it; asking for fused says why not."""
+    cases = {"opt": "learned positions", "phi3": "partial rotary", "qwen3": "q/k norms", "llama": "multiple of 16"}
+    for family, why in cases.items():
+        adapter = get_adapter(one_layer(family).config)
+        assert why in supported(build_slim_model(one_layer(family), adapter, Plan.keep_all(adapter.geometry())))
+    model = one_layer("llama", **WIDE["llama"])  # 4 heads over 2 KV heads: 2 + 1 kept is uneven
+    adapter = get_adapter(model.config)
+    slim = build_slim_model(model, adapter, Plan(layers=[LayerPlan(heads=[0, 1, 2])]))
+    assert "uneven GQA groups" in supported(slim)
+    with pytest.raises(ValueError, match="uneven GQA groups"):
+        export_onnx(slim, tmp_path / "fused", graph="fused")
+    export_onnx(slim, tmp_path / "auto")
+    assert json.loads((tmp_path / "auto" / CONFIG_NAME).read_text())["graph"] == "traced"
+    with pytest.raises(ValueError, match="graph"):
+        export_onnx(slim, tmp_path / "bad", graph="fast")
+
+
+def test_shared_cache_is_written_in_place_and_bounded(exported):
+    """A fused graph appends to the runner's buffers (no copy): the logits equal the growing cache's."""
+    slim, runner, _ = exported
+    if not runner.shares_cache:
+        pytest.skip("traced graph: the cache grows by Concat")
+    ids = prompts(length=7, seed=2)
+    cache = runner.shared_cache(2, 9)
+    before = [b.copy() for b in cache.buffers]
+    shared, _ = runner.forward(ids, past=cache)
+    grown, past = runner.forward(ids)
+    assert cache.length == 7 and all(not np.array_equal(a, b) for a, b in zip(before, cache.buffers))
+    np.testing.assert_allclose(shared, grown, atol=1e-6)
+    np.testing.assert_allclose(cache.buffers[0][:, :, :7], past[0], atol=0)
+    nxt = ids[:, :2]
+    with pytest.raises(ValueError, match="holds 9 tokens"):
+        runner.forward(np.concatenate([nxt, nxt], 1), past=cache)

@@ -26,9 +26,12 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """overrides: config fields to change (e.g. fewer, wider heads)."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Random init leaves norms at 1 and biases at 0; perturb them so parity tests see them.
     with torch.no_grad():

@@ -146,7 +146,7 @@ def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) 
 
 def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
     from exporters.onnx_export import export_onnx
-    from exporters.onnx_runner import OnnxRunner
+    from exporters.onnx_runner import OnnxRunner, ort
     from validation.bench import onnx_speed
 
     rows = []
@@ -155,7 +155,9 @@ def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
         for label, m in slims.items():
             out = Path(tmp) / label
             export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype)
-            rows.append(onnx_speed(OnnxRunner(out), m, label, **shape))
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
+            rows.append(onnx_speed(OnnxRunner(out, session_options=options), m, label, **shape))
     return rows
 
 

@@ -1,0 +1,242 @@
+"""Slim model -> one ONNX graph written node by node with onnxruntime's fused operators.
+
+The traced export (`onnx_export`, the dynamo exporter) spells every operation out: about 2,000
+nodes for a 30-layer model, attention as MatMul/Softmax, a KV cache grown by Concat (a copy of
+the whole cache per step). This graph has about 350 (SmolLM2-135M) and lets the runner append
+to fixed KV buffers in place (`onnx_runner.SharedCache`); per layer it uses:
+
+- `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel) wherever a sublayer
+  writes the whole residual width; where it writes a subset (DISP), the scatter-add of the traced
+  graph (GatherElements + Add + ScatterElements, indices constant) and `SimplifiedLayerNormalization`;
+- one MatMul for q, k and v together, `GroupQueryAttention` (rotary embedding, causal and
+  padding mask, sliding window and the KV cache append inside; per-layer head counts), one MatMul for o_proj;
+- MatMuls for gate, up and down_proj, SiLU as x * Sigmoid(x) (onnxruntime fuses it).
+
+Inputs and outputs are those of the traced graph (the runner and the parity checks do not know
+which they run): `input_ids`, `attention_mask` [batch, past + seq], `position_ids`, the past
+tensors, `logits` and the present tensors. Padding reaches the attention as an additive bias;
+the causal mask and rotary positions come from `position_ids` and the cache length. A padded
+query row (left padding) is not a real token: its output differs from the PyTorch model's and
+is never used.
+
+Covers static models (no Probe Pruning) with rotary positions, RMSNorm, no q/k norm, the rotary
+dimension equal to the head dimension (a multiple of 16, which the operator needs), and query heads spread evenly over their KV heads (whole
+KV groups pruned, or the same number of heads in every group); `supported` says why not
+otherwise, and the traced graph is written instead.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["supported", "build_fused"]
+
+MS = "com.microsoft"
+_ACTIVATIONS = {"silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"}
+_ONNX_DTYPES = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16
+
+
+def _even_groups(attn) -> bool:
+    """Whether each KV head serves the next heads // kv_heads query heads, as GroupQueryAttention reads them."""
+    if attn.kv_heads == attn.heads:
+        return True
+    if attn.heads % attn.kv_heads:
+        return False
+    want = torch.arange(attn.kv_heads).repeat_interleave(attn.heads // attn.kv_heads)
+    return bool(torch.equal(attn.kv_map.cpu(), want))
+
+
+def supported(slim) -> str | None:
+    """None if the fused graph can express this model, else why not (one phrase)."""
+    c = slim.config
+    reasons = [(bool(c.probe), "Probe Pruning"), (c.positions != "rope", "learned positions"),
+               (c.norm != "rms", "LayerNorm"), (c.qk_norm, "q/k norms"),
+               (c.rope_dim != c.head_dim, "partial rotary embedding"),
+               (c.head_dim % 16 != 0, "head dimension not a multiple of 16"),
+               (c.hidden_act not in _ACTIVATIONS, f"activation {c.hidden_act}")]
+    reasons += [(layer.self_attn.heads and not _even_groups(layer.self_attn), f"layer {i}'s uneven GQA groups")
+                for i, layer in enumerate(slim.model.layers)]
+    return next((why for bad, why in reasons if bad), None)
+
+
+class _Builder:
+    def __init__(self, dtype: torch.dtype):
+        from onnx import helper
+
+        self.helper, self.dtype = helper, dtype
+        self.np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+
+        array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, t: torch.Tensor) -> str:
+        return self.const(name, t.detach().to("cpu", self.dtype))
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        if isinstance(outputs, int):
+            self.count += 1
+            outputs = [f"{op_type}_{self.count}" + (f"_{j}" if outputs > 1 else "") for j in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def linear(self, x: str, name: str, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> str:
+        """x @ cat(weights).T (+ cat(biases)): one MatMul for projections that read the same input."""
+        y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", torch.cat(weights).T.contiguous())])
+        if any(b is not None for b in biases):
+            full = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            y = self.op("Add", [y, self.weight(f"{name}.bias", full)])
+        return y
+
+
+class _Residual:
+    """The residual stream with at most one full-width write not yet added: the next norm adds it
+    in its own kernel (SkipSimplifiedLayerNormalization)."""
+
+    def __init__(self, b: _Builder, x: str, eps: float):
+        self.b, self.x, self.pending, self.eps = b, x, None, eps
+
+    def norm(self, gamma: str) -> str:
+        if self.pending is None:
+            return self.b.op("SimplifiedLayerNormalization", [self.x, gamma], axis=-1, epsilon=self.eps)
+        self.b.count += 1
+        y, total = f"SkipNorm_{self.b.count}", f"SkipNorm_{self.b.count}_sum"  # unused outputs left unnamed
+        self.b.op("SkipSimplifiedLayerNormalization", [self.x, self.pending, gamma], [y, "", "", total],
+                  domain=MS, epsilon=self.eps)
+        self.x = total
+        self.pending = None
+        return y
+
+    def write(self, y: str | None, index: str | None) -> None:
+        if y is None:
+            return
+        if index is None and self.pending is None:
+            self.pending = y
+            return
+        if self.pending is not None:
+            self.x, self.pending = self.b.op("Add", [self.x, self.pending]), None
+        if index is None:
+            self.x = self.b.op("Add", [self.x, y])
+            return
+        idx = self.b.op("Expand", [index, self.b.op("Shape", [y])])
+        total = self.b.op("Add", [self.b.op("GatherElements", [self.x, idx], axis=-1), y])
+        self.x = self.b.op("ScatterElements", [self.x, idx, total], axis=-1)
+
+
+def _activation(b: _Builder, act: str, x: str) -> str:
+    if act in ("silu", "swish"):
+        return b.op("Mul", [x, b.op("Sigmoid", [x])])
+    if act == "relu":
+        return b.op("Relu", [x])
+    return b.op("Gelu", [x], domain=MS) if act == "gelu" else b.op("FastGelu", [x], domain=MS)
+
+
+def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], dtype: torch.dtype):
+    """The ModelProto (weights inside; the caller saves them as external data)."""
+    from onnx import TensorProto, helper
+
+    c, m = slim.config, slim.model
+    b = _Builder(dtype)
+    elem = _ONNX_DTYPES[dtype]
+    ids, mask, pos = inputs[:3]
+    past = dict(zip([(i, kv) for i in layers for kv in ("key", "value")], inputs[3:]))
+    present = dict(zip([(i, kv) for i in layers for kv in ("key", "value")], outputs[1:]))
+
+    x = b.op("Gather", [b.weight("model.embed_tokens.weight", m.embed_tokens.weight), ids])
+    # What GroupQueryAttention needs to know of the cache: total length (past + new), each row's
+    # last slot, and the padding as an additive bias [batch, 1, seq, total].
+    one = b.const("one_i64", np.array([1], np.int64))
+    batch = b.op("Shape", [ids], start=0, end=1)
+    seq = b.op("Shape", [ids], start=1, end=2)
+    total = b.op("Shape", [mask], start=1, end=2)
+    total32 = b.op("Cast", [b.op("Squeeze", [total])], to=TensorProto.INT32)
+    seqlens = b.op("Cast", [b.op("Expand", [b.op("Sub", [total, one]), batch])], to=TensorProto.INT32)
+    padding = b.op("Equal", [mask, b.const("zero_i64", np.array(0, np.int64))])
+    neg = b.const("mask_value", np.array(np.finfo(b.np_dtype).min, b.np_dtype))
+    bias = b.op("Where", [padding, neg, b.const("zero_f", np.array(0, b.np_dtype))])
+    bias = b.op("Unsqueeze", [bias, b.const("axes_12", np.array([1, 2], np.int64))])
+    bias = b.op("Expand", [bias, b.op("Concat", [batch, one, seq, total], axis=0)])
+    angles = torch.arange(c.max_position_embeddings, dtype=torch.float32)[:, None] * m.rope_inv_freq[None, :]
+    cos = b.weight("rope.cos", angles.cos() * c.rope_attention_scaling)
+    sin = b.weight("rope.sin", angles.sin() * c.rope_attention_scaling)
+
+    res = _Residual(b, x, c.norm_eps)
+    for i, layer in enumerate(m.layers):
+        pre = f"model.layers.{i}"
+        idx = {k: None if getattr(layer, f"{k}_index") is None
+               else b.const(f"{pre}.{k}_index", getattr(layer, f"{k}_index"))
+               for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+        attn, mlp = layer.self_attn, layer.mlp
+        a = res.norm(b.weight(f"{pre}.input_layernorm.weight", layer.input_layernorm.weight))
+        if idx["attn_in"] is not None:
+            a = b.op("Gather", [a, idx["attn_in"]], axis=-1)
+        y = None
+        if attn.heads:
+            qkv = b.linear(a, f"{pre}.self_attn.qkv", [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                           [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            ctx = f"{pre}.self_attn.context"
+            b.op("GroupQueryAttention", [qkv, "", "", past[(i, "key")], past[(i, "value")], seqlens, total32, cos,
+                                         sin, pos, bias],
+                 [ctx, present[(i, "key")], present[(i, "value")]], domain=MS,
+                 num_heads=attn.heads, kv_num_heads=attn.kv_heads, scale=1.0 / math.sqrt(c.head_dim),
+                 do_rotary=1, local_window_size=c.attention_window or -1)
+            y = b.linear(ctx, f"{pre}.self_attn.o_proj", [attn.o_proj.weight], [attn.o_proj.bias])
+        elif getattr(attn, "out_bias", None) is not None:
+            y = b.weight(f"{pre}.self_attn.out_bias", attn.out_bias)
+        res.write(y, idx["attn_out"])
+
+        h = res.norm(b.weight(f"{pre}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight))
+        if idx["mlp_in"] is not None:
+            h = b.op("Gather", [h, idx["mlp_in"]], axis=-1)
+        y = None
+        if mlp.width:
+            if mlp.gated:  # two MatMuls: one fused would need a Split, which copies
+                gate = b.linear(h, f"{pre}.mlp.gate_proj", [mlp.gate_proj.weight], [mlp.gate_proj.bias])
+                up = b.linear(h, f"{pre}.mlp.up_proj", [mlp.up_proj.weight], [mlp.up_proj.bias])
+                act = b.op("Mul", [_activation(b, c.hidden_act, gate), up])
+            else:
+                act = _activation(b, c.hidden_act, b.linear(h, f"{pre}.mlp.up_proj", [mlp.up_proj.weight],
+                                                           [mlp.up_proj.bias]))
+            y = b.linear(act, f"{pre}.mlp.down_proj", [mlp.down_proj.weight], [mlp.down_proj.bias])
+        elif getattr(mlp, "out_bias", None) is not None:
+            y = b.weight(f"{pre}.mlp.out_bias", mlp.out_bias)
+        res.write(y, idx["mlp_out"])
+
+    x = res.norm(b.weight("model.norm.weight", m.norm.weight))
+    head = slim.lm_head
+    if head.weight.data_ptr() == m.embed_tokens.weight.data_ptr():  # tied: the embedding read transposed, not stored twice
+        flat = b.op("Reshape", [x, b.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])
+        logits = b.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1)
+        vocab = b.const("vocab", np.array([c.vocab_size], np.int64))
+        b.op("Reshape", [logits, b.op("Concat", [batch, seq, vocab], axis=0)], [outputs[0]])
+    else:
+        b.op("MatMul", [x, b.weight("lm_head.weight_t", head.weight.T.contiguous())], [outputs[0]])
+
+    kv = {i: c.layer_kv_heads[i] for i in layers}
+    graph_inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "sequence"]),
+                    helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "total_sequence"]),
+                    helper.make_tensor_value_info(pos, TensorProto.INT64, ["batch", "sequence"])]
+    graph_inputs += [helper.make_tensor_value_info(past[(i, t)], elem, ["batch", kv[i], "past_sequence", c.head_dim])
+                     for i in layers for t in ("key", "value")]
+    graph_outputs = [helper.make_tensor_value_info(outputs[0], elem, ["batch", "sequence", c.vocab_size])]
+    graph_outputs += [helper.make_tensor_value_info(present[(i, t)], elem,
+                                                    ["batch", kv[i], "total_sequence", c.head_dim])
+                      for i in layers for t in ("key", "value")]
+    graph = helper.make_graph(b.nodes, "slim", graph_inputs, graph_outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                             producer_name="compress")
+
+
+def save_fused(proto, path: Path, data_name: str) -> None:
+    import onnx
+
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
