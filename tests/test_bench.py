@@ -51,11 +51,12 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     assert main(["export", "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--eval-windows", "0"]) == 0
     capsys.readouterr()
     assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "--prompt", "16",
-                 "--new-tokens", "4", "--repeats", "1", "--threads", "1"]) == 0
+                 "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--onnx-graph", "fused", "traced"]) == 0
     printed = capsys.readouterr().out
     assert "read bandwidth" in printed and "1 threads" in printed
     for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
-                "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider) | random disp@0.5 |"):
+                "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider, fused graph) | random disp@0.5 |",
+                "| onnxruntime (CPUExecutionProvider, traced graph) | dense |"):
         assert row in printed, row
     peer = importlib.util.find_spec("onnxruntime_genai") is not None  # CI installs the [peer] extra
     assert ("| onnxruntime-genai (peer) | dense |" in printed) == peer

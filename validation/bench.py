@@ -127,7 +127,7 @@ def onnx_speed(runner, slim, name: str, batch: int, prompt: int, new_tokens: int
     t_pre = _median_time(lambda: runner.generate(ids, max_new_tokens=1), cpu, repeats)
     t_all = _median_time(lambda: runner.generate(ids, max_new_tokens=new_tokens + 1), cpu, repeats)
     t_dec = max(t_all - t_pre, 1e-9)
-    return Speed(f"onnxruntime ({runner.provider})", name, batch * prompt / t_pre, batch * new_tokens / t_dec,
+    return Speed(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph)", name, batch * prompt / t_pre, batch * new_tokens / t_dec,
                  bytes_per_token(slim, batch, prompt + new_tokens // 2))
 
 

@@ -52,6 +52,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
+    p.add_argument("--onnx-graph", nargs="+", default=["auto"], choices=["auto", "fused", "traced"],
+                   help="ONNX graphs to time, each a row per model: fused (onnxruntime's fused operators, KV "
+                        "buffers appended in place), traced (the dynamo exporter's graph), auto (fused where "
+                        "it can express the model)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
                         "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [torch_speed(dense, "stock transformers", **shape)]
     rows += [torch_speed(m, label, **shape) for label, m in slims.items()]
     if args.onnx:
-        rows += _onnx_rows(slims, dtype, shape)
+        rows += _onnx_rows(slims, dtype, shape, args.onnx_graph)
     if args.peer:
         rows += _peer_rows(dense, args.model if args.shape is None else None, device, dtype, shape)
     bandwidth = read_bandwidth(device)
@@ -144,7 +148,7 @@ def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) 
         path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
+def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]) -> list:
     from exporters.onnx_export import export_onnx
     from exporters.onnx_runner import OnnxRunner, ort
     from validation.bench import onnx_speed
@@ -152,12 +156,13 @@ def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict) -> list:
     rows = []
     onnx_dtype = "float16" if dtype == torch.float16 else "float32"
     with tempfile.TemporaryDirectory() as tmp:
-        for label, m in slims.items():
-            out = Path(tmp) / label
-            export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
-            rows.append(onnx_speed(OnnxRunner(out, session_options=options), m, label, **shape))
+        for graph in dict.fromkeys(graphs):
+            for label, m in slims.items():
+                out = Path(tmp) / graph / label
+                export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype, graph=graph)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
+                rows.append(onnx_speed(OnnxRunner(out, session_options=options), m, label, **shape))
     return rows
 
 
