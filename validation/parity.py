@@ -406,9 +406,11 @@ choice, which onnxruntime's prefill must repeat index for index): onnxruntime ma
             f"; probe indices {'identical' if r['probe_indices_equal'] else 'DIFFER'}")
         checks.append(Check(
             "onnx", device, dtype, r["float64_error"], tol, r["float64_error"] <= tol and (same or dtype != "float32"),
-            f"vs float64: PyTorch {dtype} {r['torch_float64_error']:.1e}; vs PyTorch {dtype}: prefill "
+            f"{runner.config.get('graph', 'traced')} graph; vs float64: PyTorch {dtype} {r['torch_float64_error']:.1e}; "
+            f"vs PyTorch {dtype}: prefill "
             f"{r['prefill_max_abs_diff']:.1e}, decode max {max(r['decode_max_abs_diff']):.1e}; "
-            f"{GENERATION_TOKENS} greedy tokens {'identical' if r['greedy_tokens_equal'] else 'DIFFER'}{probe}"))
+            f"{GENERATION_TOKENS} greedy tokens {'identical' if r['greedy_tokens_equal'] else 'DIFFER'}"
+            f"{' (KV buffers in place)' if runner.shares_cache else ''}{probe}"))
     slim.to("cpu", torch.float32)
     return checks
 

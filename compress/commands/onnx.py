@@ -24,9 +24,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="fused: one node per fused onnxruntime operator (GroupQueryAttention, "
                         "SkipSimplifiedLayerNormalization; llama/mistral/qwen2-style models with head dimensions "
                         "that are multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
-                        "any model; auto (default): fused where it can express the model. The fused graph has been "
-                        "checked and timed on CPU only; for onnxruntime-gpu, --graph traced is the path checked on "
-                        "a GPU")
+                        "any model; auto (default): fused where it can express the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
 
 
