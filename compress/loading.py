@@ -105,17 +105,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     `dtype` "auto" picks float32 or half precision by the model's size (`load_dtype`).
     trust_remote_code only for folders this project wrote (their config names our modeling code).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from compress.adapters import get_adapter
+    from transformers import AutoModelForCausalLM
 
     source, kw = _source(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load config of {name_or_path or source}: {_first_line(e)}") from None
-    if not trust_remote_code:
-        get_adapter(config)  # refuse an unsupported family before reading any weights
+    config = load_config(name_or_path, trust_remote_code)
     if isinstance(dtype, str):
         dtype = load_dtype(config, dtype, export_dtype)
     if not kw:
@@ -125,6 +118,23 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     except Exception as e:  # noqa: BLE001  safetensors, torch and transformers each raise their own types
         raise CompressError(f"cannot load model {name_or_path or source}: {_first_line(e)}") from None
     return model.to(device).eval()
+
+
+def load_config(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
+    """The config of a folder, Hub id or GGUF file, its family checked (unless remote code) before
+    any weight is read."""
+    from transformers import AutoConfig
+
+    from compress.adapters import get_adapter
+
+    source, kw = _source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"cannot load config of {name_or_path or source}: {_first_line(e)}") from None
+    if not trust_remote_code:
+        get_adapter(config)
+    return config
 
 
 def load_tokenizer(name_or_path: str | Path | None = None):

@@ -305,3 +305,36 @@ def test_refitted_slim_equals_masked_dense(family):
         out = slim(input_ids=calib).logits
     assert (out - ref).abs().max().item() <= 1e-5
     assert (ref - plain).abs().max().item() > 1e-3
+
+
+def test_memory_plan_scales_to_the_whole_model():
+    """The plan (two layers measured at 32, 64 and 128 tokens, scaled) matches the saved bytes of the whole
+    model's step counted directly, at another batch and sequence length."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.methods.disp_memory import _saved_bytes, training_memory
+    from compress.reference import MODEL_DIR
+
+    config = AutoConfig.from_pretrained(MODEL_DIR)
+    plan = training_memory(config, torch.float32, {}, batch_size=1, seq_len=200)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = get_adapter(config)
+    disp = DISP()
+    whole = sum(_saved_bytes(disp, model, adapter, structures(adapter.geometry(), False), 200))
+    planned = plan["plain"] - plan["weights"] - plan["backward"] - 16 * sum(
+        p.numel() for p in HyperNetwork([w for _ in range(config.num_hidden_layers)
+                                         for _, w in structures(adapter.geometry(), False)],
+                                        torch.Generator()).parameters())  # AdamW's state: not saved tensors
+    assert abs(planned - whole) / whole < 0.01, (planned, whole)
+    assert plan["plain"] > plan["checkpointed"] > plan["weights"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    from compress.cli import main
+
+    out = tmp_path / "never"
+    assert main(["export", "--method", "disp", "--ratio", "0.5", "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "DISP training memory" in printed and "step total" in printed and "available" in printed
+    assert not out.exists()
+    assert main(["export", "--method", "flap", "--ratio", "0.5", "--out", str(out), "--dry-run"]) == 2

@@ -67,6 +67,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "peak memory stays near one layer plus the embeddings (magnitude, wanda-sp and flap, "
                         "from a local folder; the checks are then layer by layer); auto (default): when the "
                         "model is too large for the whole-model checks; the output is the same either way")
+    p.add_argument("--dry-run", action="store_true",
+                   help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
+                        "and sequence length (measured on a one-layer copy, scaled; see the README), then stop; "
+                        "reads the config only")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
     for name in sorted(METHODS):
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from exporters.hf_folder import parse_size
 
     check_ratio(args.ratio)
+    if args.dry_run:
+        return _dry_run(args)
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
     runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
                             heads=args.probe_heads) if args.runtime == "probe" else None
@@ -123,6 +129,33 @@ def run(args: argparse.Namespace) -> int:
         from exporters.hub import push_folder
 
         print(f"pushed {out} to {push_folder(out, args.push_to_hub, include_onnx=args.onnx)}")
+    return 0
+
+
+def _dry_run(args) -> int:
+    """The DISP training memory plan (no weights read, nothing written)."""
+    import torch
+
+    from compress.loading import load_config, load_dtype, resolve_device, resolve_dtype
+    from compress.memory import available_memory
+    from compress.methods.disp_memory import format_plan, training_memory
+
+    if args.method not in ("disp", "tyr+disp"):
+        raise CompressError(f"--dry-run plans DISP's training memory: use it with --method disp or tyr+disp, "
+                            f"not {args.method}")
+    config = load_config(args.model)
+    device = resolve_device(args.device)
+    held = load_dtype(config, args.load_dtype, resolve_dtype(args.dtype))  # as the export would hold it
+    settings = method_settings(args)
+    batch = settings.get("batch_size", METHODS["disp"].defaults["batch_size"])
+    plan = training_memory(config, held, settings, batch, args.seq_len)
+    for line in format_plan(plan, args.model or "the reference model", held, batch, args.seq_len,
+                            config.num_hidden_layers):
+        print(line)
+    need = plan["checkpointed" if device.type == "cuda" else "plain"]
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    print(f"{device}: {have / 1e9:.2f} GB available, a step needs about {need / 1e9:.2f} GB (live tensors; the "
+          f"allocator's cache adds to it): {'fits' if need <= have else 'does NOT fit'}")
     return 0
 
 

@@ -166,6 +166,27 @@ class DISP(Method):
             keep = [select(g, [layer], 1.0 - t)[0] for layer, t in zip(scores, targets)]
         return build_plan(g, keep)
 
+    def _masked_loss(self, model, adapter, hyper, kinds, x: torch.Tensor, gen) -> tuple[torch.Tensor, list]:
+        """One step's forward: (the objective through the soft masks, the hard masks)."""
+        g, device = adapter.geometry(), x.device
+        cuda = device.type == "cuda"
+        if self.settings["objective"] == "kl":
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1).flatten(0, 1)
+        soft, hard = [], []
+        for logit in hyper():
+            a, b = relax(logit, gumbel_noise(logit.numel(), gen).to(device))
+            soft.append(a)
+            hard.append(b)
+        with masked(model, adapter, [_layer_masks(g, m) for m in _by_layer(soft, kinds)]), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(input_ids=x, use_cache=False).logits
+        if self.settings["objective"] == "kl":
+            lm = F.kl_div(out.float().log_softmax(-1).flatten(0, 1), teacher, log_target=True, reduction="batchmean")
+        else:
+            lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
+        return lm, hard
+
     def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int) -> None:
         s, g = self.settings, adapter.geometry()
         device = next(model.parameters()).device
@@ -184,23 +205,7 @@ class DISP(Method):
         bar = tqdm(range(steps), desc="disp", unit="step", dynamic_ncols=True)
         with _frozen(model), ckpt:
             for step in bar:
-                x = next(batches).to(device)
-                if s["objective"] == "kl":
-                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                        teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1).flatten(0, 1)
-                soft, hard = [], []
-                for logit in hyper():
-                    a, b = relax(logit, gumbel_noise(logit.numel(), gen).to(device))
-                    soft.append(a)
-                    hard.append(b)
-                with masked(model, adapter, [_layer_masks(g, m) for m in _by_layer(soft, kinds)]), \
-                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    out = model(input_ids=x, use_cache=False).logits
-                if s["objective"] == "kl":
-                    lm = F.kl_div(out.float().log_softmax(-1).flatten(0, 1), teacher, log_target=True,
-                                  reduction="batchmean")
-                else:
-                    lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
+                lm, hard = self._masked_loss(model, adapter, hyper, kinds, next(batches).to(device), gen)
                 per_layer = [_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds)]
                 kept = sum(per_layer)
                 if layer_targets is None:
