@@ -171,7 +171,7 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     dynamo exporter's graph, any model), "auto": fused where it can express the model. The caller's
     model is left as it was (a float16 export converts a copy).
     """
-    from exporters.onnx_fused import build_fused, save_fused, supported
+    from exporters.onnx_fused import GENAI_NAME, build_fused, genai_config, save_fused, supported
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
@@ -194,6 +194,9 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
         inputs, outputs = _names(wrapper, mode)
         if fused:
             save_fused(build_fused(model, wrapper.layers, inputs, outputs, DTYPES[dtype]), out / MODEL_NAME, DATA_NAME)
+            genai = genai_config(model, inputs, outputs)
+            if genai is not None:
+                (out / GENAI_NAME).write_text(json.dumps(genai, indent=1) + "\n")
             continue
         args, shapes = _example_inputs(model, wrapper, mode)
         with torch.no_grad(), _quiet_exporter(), _fusable_norms(model):

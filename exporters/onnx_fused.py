@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["supported", "build_fused"]
+__all__ = ["supported", "build_fused", "genai_config", "GENAI_NAME"]
+
+GENAI_NAME = "genai_config.json"
 
 MS = "com.microsoft"
 _ACTIVATIONS = {"silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"}
@@ -240,3 +242,44 @@ def save_fused(proto, path: Path, data_name: str) -> None:
 
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
+
+
+def genai_config(slim, inputs: list[str], outputs: list[str]) -> dict | None:
+    """onnxruntime-genai's description of this graph (so its runtime can generate with it: KV
+    buffers shared in place, the loop in C++), or None where genai cannot hold the cache: it
+    allocates one KV shape for every layer, so every layer must keep attention and the same
+    number of KV heads."""
+    c = slim.config
+    kv = set(c.layer_kv_heads)
+    if len(kv) != 1 or 0 in kv:
+        return None
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    present = [n for n in outputs if n.startswith("present.")]
+    assert past[:2] == ["past_key_values.0.key", "past_key_values.0.value"] and len(past) == 2 * c.num_hidden_layers
+    pad = c.pad_token_id if c.pad_token_id is not None else c.eos_token_id
+    tokens = {k: v for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
+                                ("pad_token_id", pad)) if v is not None}  # genai wants numbers or nothing
+    return {
+        "model": {
+            "type": "llama",  # a decoder-only model with a KV cache; the graph itself says the rest
+            **tokens,
+            "context_length": c.max_position_embeddings, "vocab_size": c.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": c.head_dim,
+                "hidden_size": c.hidden_size,
+                "num_attention_heads": max(c.layer_heads),
+                "num_key_value_heads": kv.pop(),
+                "num_hidden_layers": c.num_hidden_layers,
+                "inputs": {"input_ids": inputs[0], "attention_mask": inputs[1], "position_ids": inputs[2],
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": outputs[0], "present_key_names": present[0].replace(".0.", ".%d."),
+                            "present_value_names": present[1].replace(".0.", ".%d.")},
+            },
+        },
+        "search": {"do_sample": False, "max_length": c.max_position_embeddings, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "temperature": 1.0, "top_k": 50,
+                   "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "early_stopping": True,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }

@@ -60,6 +60,7 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
         assert row in printed, row
     peer = importlib.util.find_spec("onnxruntime_genai") is not None  # CI installs the [peer] extra
     assert ("| onnxruntime-genai (peer) | dense |" in printed) == peer
+    assert ("| onnxruntime-genai (ours, fused graph) | random disp@0.5 |" in printed) == peer
     assert ("peer skipped: onnxruntime-genai is not installed" in printed) == (not peer)
     speed = json.loads((out / "report.json").read_text())["speed"]
     assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}

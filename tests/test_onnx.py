@@ -8,6 +8,7 @@ exported both ways ("<family>:fused": 4 heads of 16 dimensions, as GroupQueryAtt
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 
@@ -23,7 +24,7 @@ from compress.plan import LayerPlan, Plan
 from compress.slim.modeling_slim import CACHE_NAME
 from compress.slimming import build_slim_model
 from exporters.onnx_export import CONFIG_NAME, DATA_NAME, export_onnx
-from exporters.onnx_fused import supported
+from exporters.onnx_fused import GENAI_NAME, supported
 from exporters.onnx_runner import OnnxRunner
 from tiny import TINY_CONFIGS, VOCAB, tiny_model
 from validation.parity import compare_onnx
@@ -103,6 +104,7 @@ def test_graph_and_config_describe_the_cache(exported):
     assert ops["Gather"] >= 3 and ops["ScatterElements"] == 3 and ops["GatherElements"] == 3, ops
     fused = cfg["graph"] == "fused"
     assert ops["GroupQueryAttention"] == (2 if fused else 0) and runner.shares_cache == fused, ops
+    assert not (out / GENAI_NAME).exists()  # KV heads differ per layer: onnxruntime-genai cannot hold the cache
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["past_key_values.2.key"] == ["batch", heads[2], "past_sequence", cfg["head_dim"]]
     assert dims["input_ids"] == ["batch", "sequence"]
@@ -163,6 +165,19 @@ def test_dense_keep_all_export_equals_hf_model(tmp_path, graph):
     assert np.abs(logits - want).max() <= TOL_FP32
     tokens = model.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
     np.testing.assert_array_equal(runner.generate(ids, max_new_tokens=8, eos_token_id=None).ids, tokens.numpy())
+    assert (tmp_path / GENAI_NAME).is_file() == (graph == "fused")
+    if graph == "fused" and importlib.util.find_spec("onnxruntime_genai"):  # CI installs the [peer] extra
+        import onnxruntime_genai as og
+
+        genai = og.Model(str(tmp_path))
+        for row, want in zip(ids, tokens.numpy()):  # onnxruntime-genai's own loop and cache, row by row
+            params = og.GeneratorParams(genai)
+            params.set_search_options(max_length=len(row) + 8, do_sample=False, batch_size=1)
+            generator = og.Generator(genai, params)
+            generator.append_tokens(row[None].astype(np.int32))
+            for _ in range(8):
+                generator.generate_next_token()
+            np.testing.assert_array_equal(np.asarray(generator.get_sequence(0)), want)
 
 
 @pytest.mark.parametrize("graph", ["traced", "fused"])

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from compress.slim.modeling_slim import CACHE_NAME
 
 __all__ = ["Speed", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES", "torch_speed", "onnx_speed",
-           "peer_speed",
+           "genai_speed",
            "format_table"]
 
 # Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
@@ -131,9 +131,11 @@ def onnx_speed(runner, slim, name: str, batch: int, prompt: int, new_tokens: int
                  bytes_per_token(slim, batch, prompt + new_tokens // 2))
 
 
-def peer_speed(folder, model, batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> Speed:
-    """Speed of an onnxruntime-genai model folder (the model builder's graph of `model`, the dense
-    model): prefill = appending the prompt, decode = `new_tokens` calls of generate_next_token."""
+def genai_speed(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int,
+                repeats: int = 3) -> Speed:
+    """Speed of an onnxruntime-genai model folder (the peer's model-builder graph of the dense model,
+    or one of our fused graphs with its genai_config.json): prefill = appending the prompt, decode =
+    `new_tokens` calls of generate_next_token."""
     import onnxruntime_genai as og
 
     peer = og.Model(str(folder))
@@ -150,7 +152,7 @@ def peer_speed(folder, model, batch: int, prompt: int, new_tokens: int, repeats:
             generator.generate_next_token()
         pre.append(t1 - t0)
         dec.append(time.perf_counter() - t1)
-    return Speed("onnxruntime-genai (peer)", "dense", batch * prompt / statistics.median(pre[1:]),
+    return Speed(engine, name, batch * prompt / statistics.median(pre[1:]),
                  batch * new_tokens / max(statistics.median(dec[1:]), 1e-9),
                  bytes_per_token(model, batch, prompt + new_tokens // 2))
 

@@ -1,6 +1,8 @@
 """Prefill and decode speed, measured side by side in one run: the stock transformers model, our
 dense (keep-all slim) and slim models in PyTorch, their ONNX graphs in onnxruntime, and a peer
-(the dense model built and run by onnxruntime-genai, when installed: the [peer] extra).
+(the dense model built and run by onnxruntime-genai, when installed: the [peer] extra). With
+onnxruntime-genai installed, our fused graphs whose cache it can hold (every layer with the same
+KV head count) are also run by it, so graph and runtime can be told apart.
 
 Slim models come from exported folders (--slim; their report.json then records the figures,
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
@@ -19,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from exporters.onnx_fused import GENAI_NAME
 
 SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -149,11 +153,15 @@ def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) 
 
 
 def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]) -> list:
+    """onnxruntime rows of every graph asked for; where a fused graph has a genai_config.json and
+    onnxruntime-genai is installed, also that graph run by onnxruntime-genai (the peer's runtime)."""
+    import importlib.util
+
     from exporters.onnx_export import export_onnx
     from exporters.onnx_runner import OnnxRunner, ort
-    from validation.bench import onnx_speed
+    from validation.bench import genai_speed, onnx_speed
 
-    rows = []
+    rows, genai = [], []
     onnx_dtype = "float16" if dtype == torch.float16 else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         for graph in dict.fromkeys(graphs):
@@ -163,7 +171,10 @@ def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]) 
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
                 rows.append(onnx_speed(OnnxRunner(out, session_options=options), m, label, **shape))
-    return rows
+                if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
+                    _genai_threads(out)
+                    genai.append(genai_speed(out, m, "onnxruntime-genai (ours, fused graph)", label, **shape))
+    return rows + genai
 
 
 def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
@@ -174,7 +185,7 @@ def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
     import sys
 
     from compress.loading import load_tokenizer
-    from validation.bench import peer_speed
+    from validation.bench import genai_speed
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         print("peer skipped: onnxruntime-genai is not installed (pip install 'compress-llm[peer]')")
@@ -192,11 +203,18 @@ def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
         if done.returncode != 0:
             print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             return []
-        config_path = out / "genai_config.json"
-        config = json.loads(config_path.read_text())  # the same thread count as every other engine
-        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = torch.get_num_threads()
-        config_path.write_text(json.dumps(config, indent=1))
-        return [peer_speed(out, dense, **shape)]
+        _genai_threads(out)
+        return [genai_speed(out, dense, "onnxruntime-genai (peer)", "dense", **shape)]
+
+
+def _genai_threads(folder: Path) -> None:
+    """onnxruntime-genai at the same thread count as every other engine."""
+    import json
+
+    path = folder / GENAI_NAME
+    config = json.loads(path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = torch.get_num_threads()
+    path.write_text(json.dumps(config, indent=1))
 
 
 def _save_plain(model, folder: Path) -> None:

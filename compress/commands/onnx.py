@@ -1,6 +1,7 @@
 """Export a slim folder to ONNX (with per-layer KV cache inputs/outputs) and check parity.
 
-Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (model.onnx, its external data, onnx_config.json describing the cache) through
+Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (model.onnx, its external data, onnx_config.json describing the
+cache; for a fused graph whose KV cache onnxruntime-genai can hold, also genai_config.json and the tokenizer) through
 a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
 decode step, 32 greedy tokens) on CPU, and on CUDA when onnxruntime-gpu and a GPU are present,
 and records the results in the folder's report.json.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +30,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
 def onnx_dir(folder: Path, dtype: str) -> Path:
     return folder / ("onnx" if dtype == "float32" else f"onnx-{dtype}")
 
@@ -41,6 +46,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     from compress.loading import load_tokenizer
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
+    from exporters.onnx_fused import GENAI_NAME
     from validation.parity import onnx_checks, raise_on_failure
 
     folder = Path(folder).resolve()
@@ -50,6 +56,10 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
     with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:
         export_onnx(slim, staging, dtype=dtype, graph=graph)
+        if (staging / GENAI_NAME).is_file():  # onnxruntime-genai reads the tokenizer from the same folder
+            for name in TOKENIZER_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, staging / name)
         checks = onnx_checks(slim, staging, dtype, ids)
         for c in checks:
             print("  parity " + c.line())
