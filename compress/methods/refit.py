@@ -22,47 +22,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.adapters import Adapter, FusedSlice
-from compress.calibration import StopForward, layer_inputs, run_layer
+from compress.calibration import layer_inputs, run_layer
 from compress.masking import mask_layer, plan_masks, replaced_weights
-from compress.methods.tyr_obs import DAMPING
+from compress.methods.tyr_obs import damped, layer_hessian
 from compress.plan import Plan
 
 __all__ = ["refit_plan", "refit_columns"]
 
 
-def refit_columns(w: torch.Tensor, h: torch.Tensor, cols: list[int], damping: float = DAMPING) -> torch.Tensor:
+def refit_columns(w: torch.Tensor, h: torch.Tensor, cols: list[int]) -> torch.Tensor:
     """W H_:K H_KK^-1 in columns K (H damped, float64), zero elsewhere."""
-    lam = damping * h.diagonal().mean().clamp_min(1e-12)
-    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    hd = damped(h)
     k = torch.tensor(cols, dtype=torch.long, device=w.device)
     w64 = w.detach().double()
     out = torch.zeros_like(w64)
     out[:, k] = torch.linalg.solve(hd[k][:, k], hd[k] @ w64.T).T
     return out
-
-
-@torch.no_grad()
-def _tap_hessian(layer: nn.Module, inputs: list[tuple], tap: nn.Module, output: bool) -> torch.Tensor:
-    """X^T X (float64) of `tap`'s output (or input) before any mask hook scales it."""
-    h = None
-
-    def take(x):
-        nonlocal h
-        x = x.reshape(-1, x.shape[-1]).float()
-        h = (x.T @ x).double() if h is None else h + (x.T @ x).double()
-        raise StopForward
-
-    handle = (tap.register_forward_hook(lambda m, a, out: take(out), prepend=True) if output
-              else tap.register_forward_pre_hook(lambda m, a: take(a[0]), prepend=True))
-    try:
-        for args, kwargs in inputs:
-            try:
-                layer(*args, **kwargs)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-    return h
 
 
 def _linears(mods) -> list[nn.Linear]:
@@ -97,7 +72,7 @@ def refit_plan(model: nn.Module, adapter: Adapter, plan: Plan, calib: torch.Tens
                 if not cols:  # None: all kept, nothing to refit; []: the sublayer is gone
                     continue
                 with replaced_weights(model, weights):
-                    h = _tap_hessian(layer, inputs, tap, output)
+                    h = layer_hessian(layer, inputs, tap, output)
                 for m in _linears(consumers):
                     weights[f"{names[m]}.weight"] = refit_columns(m.weight, h, cols).to(m.weight.dtype)
             with replaced_weights(model, weights):

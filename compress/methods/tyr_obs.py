@@ -18,7 +18,7 @@ from torch import nn
 from compress.adapters import Geometry
 from compress.calibration import StopForward
 
-__all__ = ["Pools", "attention_pools", "mlp_pools", "layer_hessian", "damped_inverse", "progressive_obs",
+__all__ = ["Pools", "attention_pools", "mlp_pools", "layer_hessian", "damped", "damped_inverse", "progressive_obs",
            "DAMPING"]
 
 DAMPING = 0.01  # of the mean diagonal of H, as the paper
@@ -51,17 +51,20 @@ def mlp_pools(g: Geometry) -> Pools:
 
 
 @torch.no_grad()
-def layer_hessian(layer: nn.Module, inputs: list[tuple], module: nn.Module) -> torch.Tensor:
-    """X^T X (float64) of what `module` (inside `layer`) reads, over the layer's recorded inputs
-    (`calibration.layer_inputs` / `run_layer`). The layer's forward stops at `module`."""
-    h = torch.zeros(module.in_features, module.in_features, dtype=torch.float64, device=module.weight.device)
+def layer_hessian(layer: nn.Module, inputs: list[tuple], module: nn.Module, output: bool = False) -> torch.Tensor:
+    """X^T X (float64) of what `module` (inside `layer`) reads, or with `output` of what it returns,
+    over the layer's recorded inputs (`calibration.layer_inputs` / `run_layer`), taken before any
+    mask hook scales it. The layer's forward stops there."""
+    h = None
 
-    def hook(mod, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        h.add_((x.T @ x).double())  # float32 products, float64 sums
+    def take(x):
+        nonlocal h
+        x = x.reshape(-1, x.shape[-1]).float()
+        h = (x.T @ x).double() if h is None else h + (x.T @ x).double()  # float32 products, float64 sums
         raise StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = (module.register_forward_hook(lambda m, a, out: take(out), prepend=True) if output
+              else module.register_forward_pre_hook(lambda m, a: take(a[0]), prepend=True))
     try:
         for args, kwargs in inputs:
             try:
@@ -73,10 +76,14 @@ def layer_hessian(layer: nn.Module, inputs: list[tuple], module: nn.Module) -> t
     return h
 
 
-def damped_inverse(h: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+def damped(h: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """H + damping * mean(diag H) * I."""
     lam = damping * h.diagonal().mean().clamp_min(1e-12)
-    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(hd))
+    return h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def damped_inverse(h: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped(h, damping)))
 
 
 def _columns(blocks: list[list[int]], width: int, device) -> torch.Tensor:
