@@ -117,6 +117,12 @@ class _Residual:
         self.pending = None
         return y
 
+    def add_constant(self, v: str) -> None:
+        """A constant [hidden] vector added to every position (a removed sublayer's bias)."""
+        if self.pending is not None:
+            self.x, self.pending = self.b.op("Add", [self.x, self.pending]), None
+        self.x = self.b.op("Add", [self.x, v])
+
     def write(self, y: str | None, index: str | None) -> None:
         if y is None:
             return
@@ -131,6 +137,13 @@ class _Residual:
         idx = self.b.op("Expand", [index, self.b.op("Shape", [y])])
         total = self.b.op("Add", [self.b.op("GatherElements", [self.x, idx], axis=-1), y])
         self.x = self.b.op("ScatterElements", [self.x, idx, total], axis=-1)
+
+
+def _scattered(bias: torch.Tensor, index: torch.Tensor | None, c) -> torch.Tensor:
+    """A bias written at residual channels `index` (None: all), as a full-width vector."""
+    if index is None:
+        return bias
+    return torch.zeros(c.hidden_size, dtype=bias.dtype).index_add(0, index.cpu(), bias.detach().cpu())
 
 
 def _activation(b: _Builder, act: str, x: str) -> str:
@@ -192,7 +205,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
                  do_rotary=1, local_window_size=c.attention_window or -1)
             y = b.linear(ctx, f"{pre}.self_attn.o_proj", [attn.o_proj.weight], [attn.o_proj.bias])
         elif getattr(attn, "out_bias", None) is not None:
-            y = b.weight(f"{pre}.self_attn.out_bias", attn.out_bias)
+            res.add_constant(b.weight(f"{pre}.self_attn.out_bias", _scattered(attn.out_bias, layer.attn_out_index, c)))
         res.write(y, idx["attn_out"])
 
         h = res.norm(b.weight(f"{pre}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight))
@@ -209,7 +222,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
                                                            [mlp.up_proj.bias]))
             y = b.linear(act, f"{pre}.mlp.down_proj", [mlp.down_proj.weight], [mlp.down_proj.bias])
         elif getattr(mlp, "out_bias", None) is not None:
-            y = b.weight(f"{pre}.mlp.out_bias", mlp.out_bias)
+            res.add_constant(b.weight(f"{pre}.mlp.out_bias", _scattered(mlp.out_bias, layer.mlp_out_index, c)))
         res.write(y, idx["mlp_out"])
 
     x = res.norm(b.weight("model.norm.weight", m.norm.weight))

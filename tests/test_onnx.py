@@ -231,3 +231,24 @@ def test_shared_cache_is_written_in_place_and_bounded(exported):
     nxt = ids[:, :2]
     with pytest.raises(ValueError, match="holds 9 tokens"):
         runner.forward(np.concatenate([nxt, nxt], 1), past=cache)
+
+
+def test_fused_graph_adds_the_biases_of_removed_sublayers(tmp_path):
+    """FLAP-style: a layer whose attention (or MLP) is gone still adds its compensation bias, at its
+    residual channels; the fused graph adds it as a constant."""
+    model = tiny_model("llama", **WIDE["llama"])
+    adapter = get_adapter(model.config)
+    g = adapter.geometry()
+    H = g.hidden
+    plan = Plan(layers=[LayerPlan(heads=[], attn_out=list(range(0, H, 3))),
+                        LayerPlan(mlp_hidden=[]),
+                        LayerPlan(heads=[1, 3])])
+    gen = torch.Generator().manual_seed(0)
+    replaced = {"model.layers.0.self_attn.o_proj.bias": torch.randn(H, generator=gen),
+                "model.layers.1.mlp.down_proj.bias": torch.randn(H, generator=gen)}
+    slim = build_slim_model(model, adapter, plan, replaced)
+    assert slim.model.layers[0].self_attn.out_bias is not None and slim.model.layers[1].mlp.out_bias is not None
+    export_onnx(slim, tmp_path, graph="fused")
+    r = compare_onnx(slim, OnnxRunner(tmp_path), prompts(), steps=4)
+    assert "error" not in r, r
+    assert r["prefill_max_abs_diff"] <= TOL_FP32 and max(r["decode_max_abs_diff"]) <= TOL_FP32
