@@ -108,8 +108,9 @@ def push_folder(folder: Path, repo: str, private: bool = False, revision: str | 
     else:
         report = json.loads((folder / "report.json").read_text())
         config = json.loads((folder / "config.json").read_text())
+        genai_dirs = tuple(d for d in onnx_dirs if f"{d}/genai_config.json" in files)
         card = model_card(report, config, repo, _base_card(str(report.get("base_model", "reference")), api),
-                          onnx_dirs, revision)
+                          onnx_dirs, revision, genai_dirs)
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     try:
         api.create_repo(repo, private=private or None, exist_ok=True)

@@ -34,9 +34,10 @@ def base_model_id(base: str) -> str | None:
 
 
 def model_card(report: dict, config: dict, repo: str, base_card: dict | None = None, onnx_dirs: tuple[str, ...] = (),
-               revision: str | None = None) -> str:
+               revision: str | None = None, genai_dirs: tuple[str, ...] = ()) -> str:
     """README.md for `repo`. `base_card`: the dense model's card metadata when known (its licence
-    is carried over); `onnx_dirs`: the ONNX folders uploaded beside the weights."""
+    is carried over); `onnx_dirs`: the ONNX folders uploaded beside the weights; `genai_dirs`: those
+    of them onnxruntime-genai can run (a genai_config.json inside)."""
     base = str(report.get("base_model", "reference"))
     base_id = base_model_id(base)
     meta = {}
@@ -54,7 +55,7 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         _quality(report),
         _parity(report, onnx_dirs),
         _speed(report),
-        _use(repo, revision, onnx_dirs),
+        _use(repo, revision, onnx_dirs, genai_dirs),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -161,7 +162,7 @@ def _speed(report: dict) -> str:
     return f"## Speed\n\n{speed['setup']}\n\n{table}"
 
 
-def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...]) -> str:
+def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...], genai_dirs: tuple[str, ...] = ()) -> str:
     rev = f', revision="{revision}"' if revision else ""
     text = f"""## Use with transformers
 
@@ -195,4 +196,22 @@ print(runner.generate("def fibonacci(n):", max_new_tokens=32).text[0])
 The graph takes `input_ids`, `attention_mask`, `position_ids` and a KV cache with its own head
 count per layer (`{d}/onnx_config.json`); `OnnxRunner.forward` runs one step, `generate` does
 greedy or sampled decoding. No torch needed."""
+        if d in genai_dirs:
+            text += f"""
+
+`{d}/` also runs with onnxruntime-genai (its `genai_config.json` and the tokenizer are inside):
+
+```python
+import onnxruntime_genai as og
+
+model = og.Model(f"{{path}}/{d}")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=64)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("def fibonacci(n):"))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```"""
     return text

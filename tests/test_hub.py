@@ -378,3 +378,5 @@ def test_base_model_is_named_only_when_known_and_speed_is_shown_when_recorded(ex
     assert "a local GGUF file (`private-llama.gguf`)" in card and "/data/models" not in card
     assert "## Speed" in card and "| pytorch | slim | 1,500 | 80.0 | 1.50x | 1.60x | 2.00x | 80% | 16% |" in card
     assert card == model_card(report, config, REPO)  # deterministic: a re-push of the same folder is a no-op
+    assert "onnxruntime_genai" not in model_card(report, config, REPO, onnx_dirs=("onnx",))
+    assert 'og.Model(f"{path}/onnx")' in model_card(report, config, REPO, onnx_dirs=("onnx",), genai_dirs=("onnx",))
