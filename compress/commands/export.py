@@ -69,7 +69,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "model is too large for the whole-model checks; the output is the same either way")
     p.add_argument("--dry-run", action="store_true",
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
-                        "and sequence length (measured on a one-layer copy, scaled; see the README), then stop; "
+                        "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
                         "reads the config only")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
