@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,8 @@ from transformers import DynamicCache
 
 from compress.slim.modeling_slim import CACHE_NAME
 
-__all__ = ["Speed", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES", "torch_speed", "onnx_speed",
-           "genai_speed",
+__all__ = ["Speed", "Timer", "measure", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES",
+           "torch_timer", "onnx_timer", "genai_timer",
            "format_table"]
 
 # Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
@@ -93,19 +94,57 @@ def _times(fn, device, repeats: int) -> list[float]:
     return times
 
 
-def _median_time(fn, device, repeats: int) -> float:
-    return statistics.median(_times(fn, device, repeats))
+@dataclass
+class Timer:
+    """One engine running one model: `once()` times a prefill of the prompt and the decode steps
+    after it, in seconds (a model of random prompts, batch x prompt tokens, then new_tokens steps)."""
+
+    engine: str
+    model: str
+    bytes_per_token: int
+    once: Callable[[], tuple[float, float]]
 
 
-@torch.inference_mode()
-def torch_speed(model, name: str, batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> Speed:
+def measure(timers: list[Timer], batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> list[Speed]:
+    """Every timer once to warm up, then `repeats` rounds in which each runs once in turn (so a
+    machine that speeds up or slows down mid-run shifts every engine alike); medians per engine."""
+    for t in timers:
+        t.once()
+    runs = [[t.once() for t in timers] for _ in range(repeats)]
+    speeds = []
+    for i, t in enumerate(timers):
+        pre = statistics.median(r[i][0] for r in runs)
+        dec = statistics.median(r[i][1] for r in runs)
+        speeds.append(Speed(t.engine, t.model, batch * prompt / pre, batch * new_tokens / max(dec, 1e-9),
+                            t.bytes_per_token))
+    return speeds
+
+
+def _prompt(model, batch: int, prompt: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt), dtype=np.int64)
+
+
+def _split(first, whole, device) -> tuple[float, float]:
+    """(seconds of `first`, seconds of `whole` minus those): prefill, then decode."""
+    times = []
+    for fn in (first, whole):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times[0], max(times[1] - times[0], 1e-9)
+
+
+def torch_timer(model, name: str, batch: int, prompt: int, new_tokens: int) -> Timer:
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device,
-                        generator=torch.Generator(device).manual_seed(0))
+    ids = torch.from_numpy(_prompt(model, batch, prompt)).to(device)
 
+    @torch.inference_mode()
     def prefill():
         return model(input_ids=ids, use_cache=True, **{CACHE_NAME: DynamicCache()})
 
+    @torch.inference_mode()
     def decode():
         out = prefill()
         cache, tok = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
@@ -113,48 +152,39 @@ def torch_speed(model, name: str, batch: int, prompt: int, new_tokens: int, repe
             out = model(input_ids=tok, use_cache=True, **{CACHE_NAME: cache})
             cache, tok = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
 
-    t_pre = _median_time(prefill, device, repeats)
-    t_all = _median_time(decode, device, repeats)
-    t_dec = max(t_all - t_pre, 1e-9)
-    return Speed("pytorch", name, batch * prompt / t_pre, batch * new_tokens / t_dec,
-                 bytes_per_token(model, batch, prompt + new_tokens // 2))
+    return Timer("pytorch", name, bytes_per_token(model, batch, prompt + new_tokens // 2),
+                 lambda: _split(prefill, decode, device))
 
 
-def onnx_speed(runner, slim, name: str, batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> Speed:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, slim.config.vocab_size, (batch, prompt), dtype=np.int64)
-    cpu = torch.device("cpu")
-    t_pre = _median_time(lambda: runner.generate(ids, max_new_tokens=1), cpu, repeats)
-    t_all = _median_time(lambda: runner.generate(ids, max_new_tokens=new_tokens + 1), cpu, repeats)
-    t_dec = max(t_all - t_pre, 1e-9)
-    return Speed(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph)", name, batch * prompt / t_pre, batch * new_tokens / t_dec,
-                 bytes_per_token(slim, batch, prompt + new_tokens // 2))
+def onnx_timer(runner, slim, name: str, batch: int, prompt: int, new_tokens: int) -> Timer:
+    ids, cpu = _prompt(slim, batch, prompt), torch.device("cpu")
+    return Timer(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph)", name,
+                 bytes_per_token(slim, batch, prompt + new_tokens // 2),
+                 lambda: _split(lambda: runner.generate(ids, max_new_tokens=1),
+                                lambda: runner.generate(ids, max_new_tokens=new_tokens + 1), cpu))
 
 
-def genai_speed(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int,
-                repeats: int = 3) -> Speed:
-    """Speed of an onnxruntime-genai model folder (the peer's model-builder graph of the dense model,
-    or one of our fused graphs with its genai_config.json): prefill = appending the prompt, decode =
+def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int) -> Timer:
+    """An onnxruntime-genai model folder (the peer's model-builder graph of the dense model, or one of
+    our fused graphs with its genai_config.json): prefill = appending the prompt, decode =
     `new_tokens` calls of generate_next_token."""
     import onnxruntime_genai as og
 
-    peer = og.Model(str(folder))
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt), dtype=np.int32)
-    pre, dec = [], []
-    for _ in range(repeats + 1):  # the first run warms up
-        params = og.GeneratorParams(peer)
+    genai = og.Model(str(folder))
+    ids = _prompt(model, batch, prompt).astype(np.int32)
+
+    def once():
+        params = og.GeneratorParams(genai)
         params.set_search_options(max_length=prompt + new_tokens + 1, do_sample=False, batch_size=batch)
-        generator = og.Generator(peer, params)
+        generator = og.Generator(genai, params)
         t0 = time.perf_counter()
         generator.append_tokens(ids)
         t1 = time.perf_counter()
         for _ in range(new_tokens):
             generator.generate_next_token()
-        pre.append(t1 - t0)
-        dec.append(time.perf_counter() - t1)
-    return Speed(engine, name, batch * prompt / statistics.median(pre[1:]),
-                 batch * new_tokens / max(statistics.median(dec[1:]), 1e-9),
-                 bytes_per_token(model, batch, prompt + new_tokens // 2))
+        return t1 - t0, time.perf_counter() - t1
+
+    return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2), once)
 
 
 def random_plan(g, shape: str, ratio: float, seed: int = 0):

@@ -54,7 +54,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds, each running every engine once in turn (medians; after one warm-up round)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
     p.add_argument("--onnx-graph", nargs="+", default=["auto"], choices=["auto", "fused", "traced"],
                    help="ONNX graphs to time, each a row per model: fused (onnxruntime's fused operators, KV "
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from compress.plan import Plan
     from compress.probe import build_serving_model
     from compress.slimming import build_slim_model
-    from validation.bench import format_table, random_plan, read_bandwidth, torch_speed
+    from validation.bench import format_table, measure, random_plan, read_bandwidth, torch_timer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,13 +118,16 @@ def run(args: argparse.Namespace) -> int:
         result = prune(dense, args.method, ratio, calib)
         slims[f"{args.method}@{ratio}"] = build_serving_model(dense, adapter, result.plan, result.replaced, calib)
 
-    shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
-    rows = [torch_speed(dense, "stock transformers", **shape)]
-    rows += [torch_speed(m, label, **shape) for label, m in slims.items()]
-    if args.onnx:
-        rows += _onnx_rows(slims, dtype, shape, args.onnx_graph)
-    if args.peer:
-        rows += _peer_rows(dense, args.model if args.shape is None else None, device, dtype, shape)
+    shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        timers = [torch_timer(dense, "stock transformers", **shape)]
+        timers += [torch_timer(m, label, **shape) for label, m in slims.items()]
+        if args.onnx:
+            timers += _onnx_timers(slims, dtype, shape, args.onnx_graph, Path(tmp))
+        if args.peer:
+            timers += _peer_timers(dense, args.model if args.shape is None else None, device, dtype, shape, Path(tmp))
+        rows = measure(timers, repeats=args.repeats, **shape)
+        del timers  # sessions and their files go before the folder does
     bandwidth = read_bandwidth(device)
     title = (f"{name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
              f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, "
@@ -152,40 +156,38 @@ def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) 
         path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _onnx_rows(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]) -> list:
-    """onnxruntime rows of every graph asked for; where a fused graph has a genai_config.json and
+def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str], tmp: Path) -> list:
+    """onnxruntime timers of every graph asked for; where a fused graph has a genai_config.json and
     onnxruntime-genai is installed, also that graph run by onnxruntime-genai (the peer's runtime)."""
     import importlib.util
 
     from exporters.onnx_export import export_onnx
     from exporters.onnx_runner import OnnxRunner, ort
-    from validation.bench import genai_speed, onnx_speed
+    from validation.bench import genai_timer, onnx_timer
 
-    rows, genai = [], []
+    timers, genai = [], []
     onnx_dtype = "float16" if dtype == torch.float16 else "float32"
-    with tempfile.TemporaryDirectory() as tmp:
-        for graph in dict.fromkeys(graphs):
-            for label, m in slims.items():
-                out = Path(tmp) / graph / label
-                export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype, graph=graph)
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
-                rows.append(onnx_speed(OnnxRunner(out, session_options=options), m, label, **shape))
-                if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
-                    _genai_threads(out)
-                    genai.append(genai_speed(out, m, "onnxruntime-genai (ours, fused graph)", label, **shape))
-    return rows + genai
+    for graph in dict.fromkeys(graphs):
+        for label, m in slims.items():
+            out = tmp / graph / label
+            export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype, graph=graph)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
+            timers.append(onnx_timer(OnnxRunner(out, session_options=options), m, label, **shape))
+            if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
+                _genai_threads(out)
+                genai.append(genai_timer(out, m, "onnxruntime-genai (ours, fused graph)", label, **shape))
+    return timers + genai
 
 
-def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
-    """The peer's row, or none with a note saying why (not installed, not CPU float32)."""
+def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path) -> list:
+    """The peer's timer, or none with a note saying why (not installed, not CPU float32)."""
     import importlib.util
-    import json
     import subprocess
     import sys
 
     from compress.loading import load_tokenizer
-    from validation.bench import genai_speed
+    from validation.bench import genai_timer
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         print("peer skipped: onnxruntime-genai is not installed (pip install 'compress-llm[peer]')")
@@ -193,18 +195,17 @@ def _peer_rows(dense, tokenizer_source, device, dtype, shape: dict) -> list:
     if device.type != "cpu" or dtype != torch.float32:
         print("peer skipped: compared on CPU in float32 only")
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        hf, out = Path(tmp) / "dense", Path(tmp) / "peer"
-        _save_plain(dense, hf)
-        load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
-        build = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                 "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")]
-        done = subprocess.run(build, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-            return []
-        _genai_threads(out)
-        return [genai_speed(out, dense, "onnxruntime-genai (peer)", "dense", **shape)]
+    hf, out = tmp / "peer-dense", tmp / "peer"
+    _save_plain(dense, hf)
+    load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
+    build = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+             "-p", "fp32", "-e", "cpu", "-c", str(tmp / "peer-cache")]
+    done = subprocess.run(build, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return []
+    _genai_threads(out)
+    return [genai_timer(out, dense, "onnxruntime-genai (peer)", "dense", **shape)]
 
 
 def _genai_threads(folder: Path) -> None:
