@@ -105,12 +105,22 @@ class Timer:
     once: Callable[[], tuple[float, float]]
 
 
+# Pause before each timed run: the engine before may leave threads spinning for a while after its
+# last parallel region (OpenMP's blocktime, onnxruntime's spin-wait), which on a small machine
+# would slow whichever engine runs next.
+SETTLE_S = 0.5
+
+
 def measure(timers: list[Timer], batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> list[Speed]:
     """Every timer once to warm up, then `repeats` rounds in which each runs once in turn (so a
     machine that speeds up or slows down mid-run shifts every engine alike); medians per engine."""
+    def settled(t: Timer) -> tuple[float, float]:
+        time.sleep(SETTLE_S)
+        return t.once()
+
     for t in timers:
         t.once()
-    runs = [[t.once() for t in timers] for _ in range(repeats)]
+    runs = [[settled(t) for t in timers] for _ in range(repeats)]
     speeds = []
     for i, t in enumerate(timers):
         pre = statistics.median(r[i][0] for r in runs)
