@@ -136,7 +136,8 @@ class OnnxRunner:
         """(logits [B, T, V] numpy, present): present is flat in `present_names` order (then, for
         Probe Pruning, the prefill's chosen indices), numpy on CPU and OrtValues on the device
         under CUDA; pass it back as `past` for the next step. `past=None` is an empty cache
-        (prefill); a missing mask means no padding."""
+        (prefill); a missing mask means no padding. `past` may also be a `SharedCache` (fused graphs):
+        the graph then appends to its buffers in place, and it is returned as the present."""
         ids = np.asarray(input_ids, dtype=np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
         B, T = ids.shape
@@ -165,6 +166,8 @@ class OnnxRunner:
     def _run_shared(self, ids, attention_mask, position_ids, cache: SharedCache) -> np.ndarray:
         """One step over buffers the graph writes in place: present outputs bound to the past inputs."""
         T = ids.shape[1]
+        if self.config.get("graph") != "fused":
+            raise ValueError("shared KV buffers need a fused graph (GroupQueryAttention); this one grows its cache")
         if cache.length + T > cache.capacity:
             raise ValueError(f"the shared KV cache holds {cache.capacity} tokens; {cache.length + T} needed")
         mask = (np.ones((ids.shape[0], cache.length + T), dtype=np.int64) if attention_mask is None

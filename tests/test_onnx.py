@@ -219,7 +219,9 @@ def test_shared_cache_is_written_in_place_and_bounded(exported):
     """A fused graph appends to the runner's buffers (no copy): the logits equal the growing cache's."""
     slim, runner, _ = exported
     if not runner.shares_cache:
-        pytest.skip("traced graph: the cache grows by Concat")
+        with pytest.raises(ValueError, match="need a fused graph"):
+            runner.forward(prompts(length=3), past=runner.shared_cache(2, 4))
+        return
     ids = prompts(length=7, seed=2)
     cache = runner.shared_cache(2, 9)
     before = [b.copy() for b in cache.buffers]
