@@ -96,8 +96,8 @@ def _times(fn, device, repeats: int) -> list[float]:
 
 @dataclass
 class Timer:
-    """One engine running one model: `once()` times a prefill of the prompt and the decode steps
-    after it, in seconds (a model of random prompts, batch x prompt tokens, then new_tokens steps)."""
+    """One engine running one model: `once()` returns the seconds of a prefill (a random prompt of
+    batch x prompt tokens) and of the new_tokens decode steps after it."""
 
     engine: str
     model: str
