@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from compress.adapters import Adapter
 
 __all__ = ["ChannelStats", "collect_input_stats", "layer_input_stats", "run_calibration", "model_device", "layer_inputs", "run_layer",
-           "StopForward"]
+           "StopForward", "hidden_states"]
 
 
 @dataclass
@@ -124,8 +125,8 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, calib: torch.Tensor,
     return out
 
 
-def layer_input_stats(adapter: Adapter, layer: nn.Module, inputs: list[tuple], parts: Sequence[str]
-                      ) -> tuple[dict[str, ChannelStats], list[tuple]]:
+def layer_input_stats(adapter: Adapter, layer: nn.Module, inputs: list[tuple], parts: Sequence[str],
+                      spill: Path | None = None) -> tuple[dict[str, ChannelStats], list[tuple]]:
     """`collect_input_stats` for one layer fed `inputs` (from `layer_inputs` / `run_layer`):
     (its stats on the CPU, the next layer's inputs). Same sums in the same order as the
     whole-model pass, so a streamed model gets bit-identical statistics."""
@@ -133,7 +134,7 @@ def layer_input_stats(adapter: Adapter, layer: nn.Module, inputs: list[tuple], p
     modules = {(0, name): getattr(lp, name) for name in parts}
     stats = {key: ChannelStats.empty(m.in_features, m.weight.device) for key, m in modules.items()}
     with _input_hooks(modules, stats):
-        out = run_layer(layer, inputs)
+        out = run_layer(layer, inputs, spill)
     return {name: s.to("cpu") for (_, name), s in stats.items()}, out
 
 
@@ -141,14 +142,37 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once it has what it needs."""
 
 
+def hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states in a decoder layer's recorded inputs (read back if spilled)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return x if torch.is_tensor(x) else x["x"]
+
+
+def _spilled(folder: Path, x: torch.Tensor):
+    """Hidden states kept on disk when a layer boundary's worth would not fit in memory: a file per
+    batch, read back when the next layer runs and deleted once the boundary is dropped, so about
+    two batches are in memory instead of two boundaries."""
+    from compress.memory import OnDisk
+
+    return OnDisk(folder, {"x": x})
+
+
+def _with_hidden(args: tuple, kwargs: dict, x) -> tuple:
+    return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": x})
+
+
 @torch.no_grad()
-def layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8) -> list[tuple]:
+def layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8,
+                 spill: Path | None = None) -> list[tuple]:
     """(args, kwargs) the first decoder layer receives for each calibration batch: with
     `run_layer`, a model can be run one layer at a time, each layer once per batch (the
-    masks and position embeddings the decoder computed are reused by every layer)."""
+    masks and position embeddings the decoder computed are reused by every layer). With
+    `spill` (a folder), the hidden states go to disk as they are recorded (`_spilled`)."""
     captured = []
 
     def hook(_module, args, kwargs):
+        if spill is not None:
+            args, kwargs = _with_hidden(args, kwargs, _spilled(spill, hidden_states(args, kwargs)))
         captured.append((args, kwargs))
         raise StopForward
 
@@ -166,11 +190,13 @@ def layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[tuple]) -> list[tuple]:
-    """The next layer's inputs: `layer` applied to each batch's hidden states, the rest unchanged."""
+def run_layer(layer: nn.Module, inputs: list[tuple], spill: Path | None = None) -> list[tuple]:
+    """The next layer's inputs: `layer` applied to each batch's hidden states, the rest unchanged
+    (the outputs written to disk with `spill`)."""
     out = []
     for args, kwargs in inputs:
+        args, kwargs = _with_hidden(args, kwargs, hidden_states(args, kwargs))
         y = layer(*args, **kwargs)
         y = y[0] if isinstance(y, tuple) else y  # transformers 4.x layers return tuples
-        out.append(((y, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
+        out.append(_with_hidden(args, kwargs, y if spill is None else _spilled(spill, y)))
     return out

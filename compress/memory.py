@@ -1,11 +1,12 @@
-"""How much host memory there is to spend: what decides between in-memory and bounded-memory paths."""
+"""How much host memory there is to spend: what decides between in-memory and bounded-memory paths,
+and where tensors go when they do not fit (`OnDisk`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["available_memory", "release_large_blocks"]
+__all__ = ["available_memory", "release_large_blocks", "spill_needed", "OnDisk", "SPILL_SHARE"]
 
 
 def available_memory() -> int:
@@ -33,3 +34,42 @@ def release_large_blocks(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; setting it also stops the raising
     except (OSError, AttributeError):
         return False
+
+
+SPILL_SHARE = 0.25  # of the available memory: intermediate tensors larger than this go to disk
+
+
+def spill_needed(nbytes: int) -> bool:
+    """Whether `nbytes` of intermediate tensors (Týr's supernet, calibration activations) should
+    live on disk (`OnDisk`) rather than in memory."""
+    return nbytes > SPILL_SHARE * available_memory()
+
+
+class OnDisk:
+    """Tensors written to a safetensors file of their own in `folder` and read back one at a time on
+    use (memory-mapped), onto the device they came from. The file is deleted when the last
+    reference to this goes."""
+
+    def __init__(self, folder: str | Path, tensors: dict):
+        import tempfile
+        import weakref
+
+        from safetensors.torch import save_file
+
+        fd, path = tempfile.mkstemp(suffix=".safetensors", dir=folder)
+        os.close(fd)
+        self.path, self.names = Path(path), {str(k) for k in tensors}
+        self.device = next(iter(tensors.values())).device
+        weakref.finalize(self, self.path.unlink, missing_ok=True)
+        save_file({str(k): v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+
+    def __contains__(self, key) -> bool:
+        return str(key) in self.names
+
+    def __getitem__(self, key):
+        from safetensors import safe_open
+
+        if str(key) not in self.names:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(str(key)).to(self.device)

@@ -13,8 +13,10 @@ final norm and LM head are read in full. Then:
    appended to the output shard; each finished shard is read back and compared.
 
 Peak memory is the shared tensors, one layer (and its float64 copies), the hidden states of the
-windows at one layer boundary and one output shard: a 7B bfloat16 checkpoint exports on a
-24 GiB machine. The output is byte-identical to the in-memory path's (tests/test_streaming.py).
+windows at two layer boundaries (on disk, a batch in memory at a time, when they would take over
+a quarter of the memory) and one output shard: a 7B bfloat16 checkpoint exports on a 24 GiB
+machine. A Hub id is read from its snapshot in the Hugging Face cache, a GGUF file from a
+temporary safetensors copy (`compress.gguf_folder`). The output is byte-identical to the in-memory path's (tests/test_streaming.py).
 """
 
 from __future__ import annotations
@@ -39,45 +41,63 @@ from exporters.hf_folder import open_safetensors
 __all__ = ["DenseStream", "StreamedPrune", "prune_streamed", "export_streamed", "validate_streamed", "streamable_folder", "choose_streaming"]
 
 
+# What a streamed Hub model needs from its repository (the tokenizer is loaded on its own).
+HUB_FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json"]
+
+
 def streamable_folder(name_or_path) -> Path | None:
-    """The local safetensors folder a model would be streamed from, or None (a Hub id, a GGUF file)."""
+    """What a model would be streamed from: a local safetensors folder as it is; for a Hub id, its
+    snapshot in the Hugging Face cache, with the safetensors and config files downloaded (as
+    loading the model whole would download them); a GGUF file as it is (`DenseStream` rewrites
+    it as safetensors first); None without safetensors."""
     if not name_or_path:
         from compress.loading import default_model_dir
 
         return default_model_dir()
     path = Path(name_or_path)
+    if path.suffix.lower() == ".gguf":
+        return path if path.is_file() else None
+    if not (path.exists() or str(name_or_path).startswith((".", "/", "~"))):
+        path = _hub_snapshot(str(name_or_path))
     return path if path.is_dir() and any(path.glob("*.safetensors")) else None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001  huggingface_hub raises many types (offline, not found, gated)
+        raise CompressError(f"cannot download {repo_id} to stream it: {str(e).strip().splitlines()[0]}") from None
 
 
 def choose_streaming(choice: str, model, method: str | None, runtime: bool, parity_scope: str) -> Path | None:
     """The folder to stream the dense model from, or None to load it whole.
 
     `method` None: any plan (checking an export). "on" insists (a one-line error says why it
-    cannot), "off" never streams, "auto" streams
-    when it can and the model is too large for the whole-model parity checks (about three
-    float64 copies; see validation.parity.resolve_scope), i.e. where only the layer-by-layer
-    check would run anyway.
+    cannot), "off" never streams, "auto" streams when it can and the model is too large for the
+    whole-model parity checks (about three float64 copies; see validation.parity.resolve_scope),
+    i.e. where only the layer-by-layer check would run anyway. A Hub id is streamed from its
+    snapshot in the Hugging Face cache (downloaded only when it is streamed).
     """
+    from compress.loading import dense_params, load_config
     from validation.parity import resolve_scope
 
     if choice == "off":
         return None
-    folder = streamable_folder(model)
-    why = ("the model is not a local folder of safetensors" if folder is None
-           else f"method {method!r} needs the whole model in memory" if method and not METHODS[method].streamable
+    why = (f"method {method!r} needs the whole model in memory" if method and not METHODS[method].streamable
            else "run-time pruning (--runtime) needs the whole model" if runtime
            else "--parity-scope model runs the whole model" if parity_scope == "model" else None)
-    if choice == "on":
-        if why:
-            raise CompressError(f"--streaming on: {why}")
-        return folder
-    if why:
+    if choice == "auto" and (why or resolve_scope("auto", dense_params(load_config(model))) != "layers"):
         return None
-    from transformers import AutoConfig
-
-    from compress.loading import dense_params
-
-    return folder if resolve_scope("auto", dense_params(AutoConfig.from_pretrained(folder))) == "layers" else None
+    folder = None if why else streamable_folder(model)
+    why = why or (None if folder else "the model is not a GGUF file nor a local folder or Hub repository "
+                                      "of safetensors")
+    if why:
+        if choice == "on":
+            raise CompressError(f"--streaming on: {why}")
+        return None
+    return folder
 
 
 class DenseStream:
@@ -93,7 +113,10 @@ class DenseStream:
         from compress.memory import release_large_blocks
 
         release_large_blocks()
-        self.folder, self.dtype, self.device = Path(folder), dtype, torch.device(device)
+        self.source, self.dtype, self.device = Path(folder), dtype, torch.device(device)
+        self.folder = self.source
+        if self.source.suffix.lower() == ".gguf":
+            self.folder = self._from_gguf()
         config = AutoConfig.from_pretrained(self.folder)
         self.adapter = get_adapter(config)
         with torch.device("meta"):
@@ -115,6 +138,19 @@ class DenseStream:
         if left:
             raise CompressError(f"cannot stream {self.folder}: buffers {left[:3]} are not in the checkpoint; "
                                 "use --streaming off")
+
+    def _from_gguf(self) -> Path:
+        """The GGUF file's weights rewritten as safetensors in the stream's dtype, in a temporary
+        folder under $TMPDIR that goes with this stream (a 7B model takes 13.5 GB there in bfloat16)."""
+        import tempfile
+        import weakref
+
+        from compress.gguf_folder import gguf_to_folder
+
+        tmp = tempfile.TemporaryDirectory(prefix="compress-gguf-")
+        weakref.finalize(self, tmp.cleanup)
+        gguf_to_folder(self.source, tmp.name, self.dtype)
+        return Path(tmp.name)
 
     def _weight_files(self) -> dict[str, Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -184,6 +220,24 @@ class StreamedPrune(NamedTuple):
     method: ScoredMethod
 
 
+@contextmanager
+def _activations(stream: DenseStream, calib: torch.Tensor | None) -> Iterator:
+    """A folder for the hidden states when two layer boundaries' worth of them of `calib` (the layer's input and output)
+    would take more than a quarter of the available memory, else None (kept in memory). The
+    folder is a temporary one (under $TMPDIR: point it at a disk with room)."""
+    import tempfile
+
+    from compress.memory import spill_needed
+
+    size = 0 if calib is None else 2 * calib.numel() * stream.model.config.hidden_size * stream.dtype.itemsize
+    if not spill_needed(size):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="compress-activations-") as folder:
+        print(f"calibration activations ({size / 2**30:.1f} GiB at two layer boundaries) kept on disk in {folder}")
+        yield Path(folder)
+
+
 def prune_streamed(stream: DenseStream, method: str, ratio: float, calib: torch.Tensor | None, seed: int = 0,
                    **settings) -> StreamedPrune:
     """`compress.pipeline.prune` for a streamed model (score-based methods only)."""
@@ -199,18 +253,20 @@ def prune_streamed(stream: DenseStream, method: str, ratio: float, calib: torch.
     model, adapter = stream.model, stream.adapter
     torch.manual_seed(seed)
     digests = stream.digests(model)
-    inputs = layer_inputs(model, adapter, calib, m.settings["calib_batch_size"]) if m.stats_parts else None
     heads, mlps, stats = [], [], []
-    for i in tqdm(range(stream.num_layers), desc="scoring layers", unit="layer", dynamic_ncols=True):
-        with stream.layer(i) as layer, torch.no_grad():
-            digests.update(stream.digests(layer, stream.prefixes[i]))
-            s = None
-            if m.stats_parts:
-                s, inputs = layer_input_stats(adapter, layer, inputs, m.stats_parts)
-            h, mlp = m.layer_scores(adapter, layer, s)
-        heads.append(h)
-        mlps.append(mlp)
-        stats.append(s)
+    with _activations(stream, calib if m.stats_parts else None) as spill:
+        inputs = layer_inputs(model, adapter, calib, m.settings["calib_batch_size"], spill) if m.stats_parts else None
+        for i in tqdm(range(stream.num_layers), desc="scoring layers", unit="layer", dynamic_ncols=True):
+            with stream.layer(i) as layer, torch.no_grad():
+                digests.update(stream.digests(layer, stream.prefixes[i]))
+                s = None
+                if m.stats_parts:
+                    s, inputs = layer_input_stats(adapter, layer, inputs, m.stats_parts, spill)
+                h, mlp = m.layer_scores(adapter, layer, s)
+            heads.append(h)
+            mlps.append(mlp)
+            stats.append(s)
+        del inputs  # the last boundary's files go before their folder
     g = adapter.geometry()
     result = PruneResult(m.select_plan(g, torch.stack(heads), torch.stack(mlps), ratio, seed))
     record(result.plan, model_identity(model, g, digests), method, ratio, m, seed)
@@ -331,7 +387,7 @@ def validate_streamed(stream: DenseStream, plan, replaced: dict, folder: str | P
             seen.update(f"model.layers.{i}.{k}" for k in sd)
             checker.step(i, layer, {k: v for k, v in replaced.items() if k.startswith(prefix)}, sd, prefix)
     plan.check_identity(model_identity(model, g, digests))
-    print(f"plan matches {stream.folder} ({plan.base.get('fingerprint')})")
+    print(f"plan matches {stream.source} ({plan.base.get('fingerprint')})")
     extra = sorted(set(names) - seen)
     problem = problem or (f"the folder holds tensors the plan does not give: {extra[:3]}" if extra else None)
     name = str(dtype).removeprefix("torch.")

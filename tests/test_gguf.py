@@ -4,6 +4,7 @@ same model (logits equal to the original's) and the same tokenizer, and exports 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,29 @@ def test_export_from_gguf(gguf_file, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert all(c["passed"] for c in report["parity"]) and report["base_model"] == str(path.resolve())
     assert main(["validate", str(out)]) == 0  # finds the GGUF base again from the report
+
+
+def test_a_streamed_gguf_export_writes_the_same_bytes(gguf_file, tmp_path, capsys):
+    """--streaming on rewrites the GGUF file as safetensors one tensor at a time and streams it:
+    every file but the report equals the export from the model loaded whole; the temporary
+    folder is gone afterwards; validate streams the GGUF base too."""
+    import tempfile
+
+    path, _, _ = gguf_file
+    before = set(Path(tempfile.gettempdir()).glob("compress-gguf-*"))
+    out = {}
+    for streaming in ("off", "on"):
+        out[streaming] = tmp_path / streaming
+        assert main(["export", "--model", str(path), "--method", "flap", "--ratio", "0.3", "--out",
+                     str(out[streaming]), "--streaming", streaming, "--calib-samples", "8", "--seq-len", "32",
+                     "--eval-windows", "2"]) == 0
+    files = [{p.name: p.read_bytes() for p in out[s].iterdir() if not p.name.startswith("report.")} for s in out]
+    assert files[0].keys() == files[1].keys() and [n for n in files[0] if files[0][n] != files[1][n]] == []
+    assert json.loads((out["on"] / "report.json").read_text())["streamed"]
+    assert set(Path(tempfile.gettempdir()).glob("compress-gguf-*")) == before
+    capsys.readouterr()
+    assert main(["validate", str(out["on"]), "--streaming", "on"]) == 0
+    assert "layers one at a time" in capsys.readouterr().out
 
 
 def test_missing_gguf_file_is_one_line(tmp_path):

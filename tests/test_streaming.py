@@ -43,6 +43,67 @@ def test_streamed_export_writes_the_same_bytes(family, method, tmp_path):
     assert ra["quality"] == pytest.approx(rb["quality"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_activations_spilled_to_disk_give_the_same_bytes(method, tmp_path, monkeypatch, capsys):
+    """Past their memory share the calibration activations live on disk, a file per batch and
+    boundary, deleted as the stream moves on: the export is byte for byte the in-memory one's."""
+    from compress import memory
+
+    dense = save_dense(tiny_model("llama"), tmp_path / "dense")
+    args = ["export", "--model", str(dense), "--method", method, "--ratio", "0.4", "--streaming", "on",
+            "--calib-batch-size", "3", *FAST]
+    assert main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert "kept on disk" not in capsys.readouterr().out
+    written, present, real = [], [], memory.OnDisk.__init__
+
+    def spy(self, folder, tensors):
+        real(self, folder, tensors)
+        written.append(self.path)
+        present.append(len(list(self.path.parent.iterdir())))
+
+    monkeypatch.setattr(memory.OnDisk, "__init__", spy)
+    monkeypatch.setattr(memory, "SPILL_SHARE", 0.0)
+    assert main([*args, "--out", str(tmp_path / "disk")]) == 0
+    assert "kept on disk" in capsys.readouterr().out
+    layers, batches = dense_layers(dense), 3  # 8 windows in batches of 3
+    assert len(written) == (layers + 1) * batches and not any(p.exists() for p in written)
+    assert max(present) <= 2 * batches  # a boundary's files go once the next layer has run
+    assert not written[0].parent.exists()
+    a, b = _files(tmp_path / "memory"), _files(tmp_path / "disk")
+    assert [n for n in a if a[n] != b.get(n)] == []
+
+
+def dense_layers(folder) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_a_hub_id_streams_from_its_snapshot_in_the_cache(tmp_path, monkeypatch):
+    """A Hub id is streamed from its snapshot in the Hugging Face cache (here built by hand; the
+    suite runs offline): same bytes as the folder loaded whole; a repo without safetensors or
+    one that is not there is a one-line error under `--streaming on`."""
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef" * 2 + "01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = save_dense(tiny_model("qwen2"), repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert choose_streaming("on", "acme/tiny", "flap", False, "auto") == snapshot
+    args = ["export", "--method", "flap", "--ratio", "0.4", *FAST]
+    assert main([*args, "--model", "acme/tiny", "--streaming", "on", "--out", str(tmp_path / "hub-streamed")]) == 0
+    assert main([*args, "--model", str(snapshot), "--streaming", "off", "--out", str(tmp_path / "whole")]) == 0
+    a, b = _files(tmp_path / "whole"), _files(tmp_path / "hub-streamed")
+    assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
+    assert json.loads((tmp_path / "hub-streamed" / "report.json").read_text())["base_model"] == "acme/tiny"
+    for f in snapshot.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(CompressError, match="nor a local folder or Hub repository of safetensors"):
+        choose_streaming("on", "acme/tiny", "flap", False, "auto")
+    with pytest.raises(CompressError, match="cannot download acme/other"):
+        choose_streaming("on", "acme/other", "flap", False, "auto")
+
+
 def test_streamed_layer_check_catches_a_wrong_slim_tensor(tmp_path, monkeypatch, capsys):
     """A slim tensor off by 1e-3 in one layer fails the streamed export, and nothing is written."""
     import compress.slimming as slimming
@@ -108,7 +169,7 @@ def test_streaming_choice(tmp_path, monkeypatch):
     for args, why in (((str(dense), "tyr", False, "auto"), "needs the whole model"),
                       ((str(dense), "flap", True, "auto"), "--runtime"),
                       ((str(dense), "flap", False, "model"), "--parity-scope model"),
-                      ((str(tmp_path / "m.gguf"), "flap", False, "auto"), "not a local folder")):
+                      ((str(tmp_path / "m.gguf"), "flap", False, "auto"), "not a GGUF file nor a local folder")):
         with pytest.raises(CompressError, match=why):
             choose_streaming("on", *args)
     monkeypatch.setattr(memory, "available_memory", lambda: 1024)

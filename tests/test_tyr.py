@@ -11,7 +11,7 @@ from compress.loading import load_model, load_tokenizer
 from compress.methods import METHODS
 from compress.methods.select import resolve_granularity
 from compress.methods.tyr import _Space
-from compress.calibration import layer_inputs, run_layer
+from compress.calibration import hidden_states, layer_inputs, run_layer
 from compress.methods.tyr_obs import (DAMPING, attention_pools, damped_inverse, layer_hessian, mlp_pools,
                                       progressive_obs)
 from compress.pipeline import prune
@@ -143,16 +143,15 @@ def test_candidates_scored_together_score_as_alone(family, calib):
 
 def test_supernet_on_disk_gives_the_same_result(calib, monkeypatch):
     """Past its memory share the supernet lives in safetensors files: same search, same plan and weights."""
-    from compress.methods import tyr
+    from compress import memory
 
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
     in_memory = METHODS["tyr"](**FAST).prune(model, adapter, 0.5, calib, 0)
     written = []
-    write = tyr._OnDisk.write.__func__
-    monkeypatch.setattr(tyr._OnDisk, "write", classmethod(lambda cls, path, ws: written.append(path) or
-                                                          write(cls, path, ws)))
-    monkeypatch.setattr(tyr, "SUPERNET_SHARE", 0.0)
+    real = memory.OnDisk.__init__
+    monkeypatch.setattr(memory.OnDisk, "__init__", lambda self, folder, ts: real(self, folder, ts) or written.append(self.path))
+    monkeypatch.setattr(memory, "SPILL_SHARE", 0.0)
     on_disk = METHODS["tyr"](**FAST).prune(model, adapter, 0.5, calib, 0)
     assert len(written) == FAST["iterations"] * 2 * model.config.num_hidden_layers
     assert not any(p.exists() for p in written)  # the spill folder is removed afterwards
@@ -207,6 +206,6 @@ def test_layer_by_layer_run_matches_the_whole_model(family):
         want = adapter.decoder(model)(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     inputs = layer_inputs(model, adapter, ids, batch_size=2)
     for i, layer in enumerate(adapter.layers(model)):
-        got = torch.cat([args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs])
+        got = torch.cat([hidden_states(args, kwargs) for args, kwargs in inputs])
         torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
         inputs = run_layer(layer, inputs)

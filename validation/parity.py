@@ -215,7 +215,7 @@ class LayerChecker:
 
     @torch.no_grad()
     def __init__(self, dense, adapter: Adapter, plan: Plan, ids: torch.Tensor, slim_plan: Plan | None = None):
-        from compress.calibration import layer_inputs
+        from compress.calibration import hidden_states, layer_inputs
         from compress.slimming import layer_tables, slim_config
 
         self.dense, self.adapter, self.g = dense, adapter, adapter.geometry()
@@ -225,7 +225,7 @@ class LayerChecker:
         ids = ids[:2, :48].to(next(dense.parameters()).device)
         self.config = slim_config(dense, adapter, self.build)
         (args, kwargs), = layer_inputs(dense, adapter, ids, batch_size=ids.shape[0])
-        self.x = _cpu64(args[0] if args else kwargs["hidden_states"])
+        self.x = _cpu64(hidden_states(args, kwargs))
         self.args = _cpu64(args[1:])
         self.kwargs = {k: _cpu64(v) for k, v in kwargs.items() if k != "hidden_states"}
         self.cos, self.sin, self.mask = layer_tables(self.config, self.x)

@@ -160,7 +160,7 @@ class LayerwiseComparison:
     @torch.no_grad()
     def __init__(self, dense, adapter, plan, ids: torch.Tensor, seq_len: int = 256, max_windows: int | None = None,
                  batch_size: int = 8):
-        from compress.calibration import layer_inputs
+        from compress.calibration import hidden_states, layer_inputs
         from compress.slimming import layer_tables, slim_config
 
         self.dense, self.adapter = dense, adapter
@@ -168,7 +168,7 @@ class LayerwiseComparison:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.config = slim_config(dense, adapter, plan)
         self.dense_in = layer_inputs(dense, adapter, self.wins, batch_size)
-        self.slim_x = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.dense_in]
+        self.slim_x = [hidden_states(args, kwargs) for args, kwargs in self.dense_in]
         self.cos, self.sin, self.mask = layer_tables(self.config, self.slim_x[0])
 
     @torch.no_grad()
@@ -190,6 +190,7 @@ class LayerwiseComparison:
     def finish(self, shared: dict[str, torch.Tensor]) -> dict:
         """The report's quality entry: windows, perplexities, KL and top-1 agreement."""
         from compress.slim.modeling_slim import make_norm
+        from compress.calibration import hidden_states
         from compress.slimming import final_tensors
 
         norm_sd, head = final_tensors(shared)
@@ -199,7 +200,7 @@ class LayerwiseComparison:
         pos = torch.arange(self.seq_len - 1)
         tally = _Tally()
         for j, ((args, kwargs), xs) in enumerate(zip(self.dense_in, self.slim_x)):
-            xd = args[0] if args else kwargs["hidden_states"]
+            xd = hidden_states(args, kwargs)
             ids = self.wins[j * self.batch_size:(j + 1) * self.batch_size].to(xd.device)
             first = self.first[j * self.batch_size:(j + 1) * self.batch_size]
             mask = (pos[None, :] >= first[:, None]).to(xd.device)

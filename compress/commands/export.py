@@ -65,8 +65,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="read the dense model one decoder layer at a time from its safetensors files, so "
                         "peak memory stays near one layer plus the embeddings (magnitude, wanda-sp and flap, "
-                        "from a local folder; the checks are then layer by layer); auto (default): when the "
-                        "model is too large for the whole-model checks; the output is the same either way")
+                        "from a local folder, a Hub id's safetensors or a GGUF file; the checks are then layer by layer; calibration "
+                        "activations go to a folder under $TMPDIR when they would take over a quarter of the "
+                        "memory); auto (default): when the model is too large for the whole-model checks; the "
+                        "output is the same either way")
     p.add_argument("--dry-run", action="store_true",
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
@@ -179,15 +181,13 @@ def _run_in_memory(args, tokenizer, calib, dtype, device, runtime) -> dict:
 
 
 def _run_streamed(args, folder, tokenizer, calib, dtype, device) -> dict:
-    from transformers import AutoConfig
-
-    from compress.loading import load_dtype
+    from compress.loading import load_config, load_dtype
     from compress.reference import TEST_TEXT
     from compress.streaming import DenseStream, export_streamed, prune_streamed
     from compress.textdata import load_text, token_stream
     from validation.quality import LayerwiseComparison
 
-    held = load_dtype(AutoConfig.from_pretrained(folder), args.load_dtype, dtype)
+    held = load_dtype(load_config(folder), args.load_dtype, dtype)
     stream = DenseStream(folder, held, device)
     print(f"streaming {args.model or 'the reference model'} one layer at a time on {device} in "
           f"{str(held).removeprefix('torch.')}; calibration {tuple(calib.shape)} tokens")

@@ -28,8 +28,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
     add_scope_argument(p)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
-                   help="read the dense model one decoder layer at a time from its safetensors folder (layer "
-                        "checks only); auto (default): when the whole-model checks would not fit in memory")
+                   help="read the dense model one decoder layer at a time from its safetensors (a folder or "
+                        "a Hub id) or GGUF file; layer checks only); auto (default): when the whole-model checks would not fit in memory")
 
 
 def load_export(folder: Path) -> tuple[dict, Plan, dict]:
@@ -99,12 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _streamed_checks(dense_folder, plan, replaced, folder, dtype, ids, device) -> list:
-    from transformers import AutoConfig
-
-    from compress.loading import load_dtype, resolve_device
+    from compress.loading import load_config, load_dtype, resolve_device
     from compress.streaming import DenseStream, validate_streamed
 
-    held = load_dtype(AutoConfig.from_pretrained(dense_folder), "auto", dtype)
+    held = load_dtype(load_config(dense_folder), "auto", dtype)
     return validate_streamed(DenseStream(dense_folder, held, resolve_device(device)), plan, replaced, folder, dtype,
                              ids)
 

@@ -40,8 +40,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from compress import memory
@@ -130,28 +128,6 @@ def _attn_plan(g: Geometry, pools: Pools, c: int) -> LayerPlan:
     """Attention with c units removed (which heads does not change the cost)."""
     gone = {h for pool in pools.pools for block in pool[:c] for h in block}
     return LayerPlan(heads=[h for h in range(g.num_heads) if h not in gone], mlp_hidden=[])
-
-
-SUPERNET_SHARE = 0.25  # of the available memory: beyond it the supernet's variants live on disk
-
-
-class _OnDisk:
-    """One sublayer's variants {count removed: weight} in a safetensors file, read on use (mmap)."""
-
-    def __init__(self, path: Path, counts, device):
-        self.path, self.counts, self.device = path, set(counts), device
-
-    @classmethod
-    def write(cls, path: Path, ws: dict[int, torch.Tensor]) -> _OnDisk:
-        save_file({str(c): w.detach().cpu().contiguous() for c, w in ws.items()}, str(path))
-        return cls(path, ws, next(iter(ws.values())).device)
-
-    def __contains__(self, c) -> bool:
-        return c in self.counts
-
-    def __getitem__(self, c: int) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(str(c)).to(self.device)
 
 
 @contextlib.contextmanager
@@ -255,13 +231,14 @@ class Tyr(CalibratedMethod):
     def _supernet(self, model, adapter, space: _Space, hess, centres, steps, spill: Path) -> list:
         """Per sublayer {count removed: weight}, built with expectation error accumulation.
 
-        When the variants would take more than SUPERNET_SHARE of the available memory, each
-        sublayer's are written to a safetensors file under `spill` and read back when a
-        candidate uses them (`_OnDisk`), so only one model's worth is in memory at a time.
+        When the variants would take more than a quarter of the available memory
+        (`memory.spill_needed`), each sublayer's are written to a safetensors file under `spill`
+        and read back when a candidate uses them (`memory.OnDisk`), so only one model's worth is
+        in memory at a time.
         """
         levels = 2 * self.settings["levels"] + 1
         size = sum(levels * m.weight.numel() * m.weight.element_size() for m in space.modules)
-        on_disk = size > SUPERNET_SHARE * memory.available_memory()
+        on_disk = memory.spill_needed(size)
         variants, expected = [], {}
         for i, h in self._hessians(model, adapter, space, hess, expected, "tyr supernet"):
             mod, hinv = space.modules[i], damped_inverse(h)
@@ -272,7 +249,7 @@ class Tyr(CalibratedMethod):
             mean = sum(d * ws[c] for c, d in density.items()) / max(sum(density.values()), 1e-12)
             expected[space.names[i]] = mean.to(mod.weight.dtype)
             ws = {c: w.to(mod.weight.dtype) for c, w in ws.items()}
-            variants.append(_OnDisk.write(spill / f"sublayer{i}.safetensors", ws) if on_disk else ws)
+            variants.append(memory.OnDisk(spill, ws) if on_disk else ws)
         return variants
 
     def _search(self, model, space: _Space, variants, counts, steps, budget, windows, dense, fid, rng, desc):
