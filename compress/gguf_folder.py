@@ -23,11 +23,13 @@ __all__ = ["gguf_to_folder"]
 def gguf_to_folder(path: str | Path, folder: str | Path, dtype: torch.dtype) -> None:
     """Write `path`'s config.json and weights (in `dtype`, sharded) into the existing `folder`."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
     from transformers import AutoModelForCausalLM
 
     from compress.loading import load_config
     from exporters.hf_folder import ShardWriter
+
+    config = load_config(path)  # first: without the [gguf] extra, a one-line error naming it
+    from gguf import GGUFReader, dequantize
 
     try:
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
@@ -35,7 +37,6 @@ def gguf_to_folder(path: str | Path, folder: str | Path, dtype: torch.dtype) -> 
     except ImportError:  # an internal module: a transformers release may move it
         raise CompressError("this transformers release cannot convert GGUF tensors one at a time; "
                             "use --streaming off") from None
-    config = load_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     reader = GGUFReader(str(path))

@@ -140,8 +140,10 @@ def _quality(report: dict) -> str:
 
 def _parity(report: dict, onnx_dirs: tuple[str, ...]) -> str:
     checks = list(report.get("parity", []))
-    for dtype, rows in report.get("onnx", {}).items():
-        if ("onnx" if dtype == "float32" else f"onnx-{dtype}") in onnx_dirs:
+    from exporters.onnx_export import onnx_dir_name
+
+    for variant, rows in report.get("onnx", {}).items():
+        if onnx_dir_name(variant) in onnx_dirs:
             checks += rows
     rows = [f"| {c['name']} | {c['device']} | {c['dtype']} | {c['max_abs_diff']:.2e} | {c['tolerance']:.0e} | "
             f"{'pass' if c['passed'] else 'FAIL'} | {c.get('detail', '').replace('|', '/')} |" for c in checks]

@@ -31,7 +31,8 @@ from onnxscript import opset18 as op
 from torch import nn
 
 
-__all__ = ["export_onnx", "kv_layers", "probe_keys", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME", "PREFILL_NAME"]
+__all__ = ["export_onnx", "kv_layers", "probe_keys", "onnx_dir_name", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME",
+           "PREFILL_NAME"]
 
 CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
 PREFILL_NAME = "prefill.onnx"  # Probe Pruning models only
@@ -163,23 +164,36 @@ def _names(wrapper: _Exportable, mode: str = "step") -> tuple[list[str], list[st
 GRAPHS = ("auto", "fused", "traced")
 
 
+def onnx_dir_name(variant: str) -> str:
+    """The folder an exported model keeps a variant's ONNX in: "float32" -> onnx, "float16" ->
+    onnx-float16, "float32-int4" -> onnx-int4 (the variant is the key of report.json's "onnx")."""
+    return "-".join(["onnx", *(p for p in variant.split("-") if p != "float32")])
+
+
 def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: int | None = None,
-                graph: str = "auto") -> Path:
+                graph: str = "auto", weights: str = "float") -> Path:
     """Write `model.onnx` (+ `model.onnx.data`) and `onnx_config.json` into `out_dir`; return the model path.
 
     graph: "fused" (`onnx_fused`: onnxruntime's fused operators, much faster to run), "traced" (the
-    dynamo exporter's graph, any model), "auto": fused where it can express the model. The caller's
-    model is left as it was (a float16 export converts a copy).
+    dynamo exporter's graph, any model), "auto": fused where it can express the model. weights:
+    "float", or "int4" / "int8" (`onnx_quant`: the decoder layers' MatMuls weight-only quantized;
+    fused graphs only). The caller's model is left as it was (a float16 export converts a copy).
     """
     from exporters.onnx_fused import GENAI_NAME, build_fused, genai_config, save_fused, supported
+    from exporters.onnx_quant import BLOCK_SIZE, WEIGHTS, quantize_weights
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if graph not in GRAPHS:
         raise ValueError(f"graph {graph!r}: choose from {', '.join(GRAPHS)}")
+    if weights != "float" and weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: choose from float, {', '.join(WEIGHTS)}")
     why = supported(slim_model)
     if graph == "fused" and why:
         raise ValueError(f"the fused ONNX graph cannot express this model ({why}); use the traced graph")
+    if weights != "float" and (why or graph == "traced"):
+        raise ValueError(f"{weights} weights need the fused ONNX graph, "
+                         f"{'which cannot express this model (' + why + ')' if why else 'not the traced one'}")
     fused = graph != "traced" and why is None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +208,8 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
         inputs, outputs = _names(wrapper, mode)
         if fused:
             save_fused(build_fused(model, wrapper.layers, inputs, outputs, DTYPES[dtype]), out / MODEL_NAME, DATA_NAME)
+            if weights != "float":
+                quantize_weights(out / MODEL_NAME, weights, DATA_NAME)
             genai = genai_config(model, inputs, outputs)
             if genai is not None:
                 (out / GENAI_NAME).write_text(json.dumps(genai, indent=1) + "\n")
@@ -209,7 +225,9 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     model.train(training)
     if len(modes) > 1:
         _share_weights(out / MODEL_NAME, out / PREFILL_NAME)
-    config = {**_onnx_config(model, dtype, opset, out), "graph": "fused" if fused else "traced"}
+    config = {**_onnx_config(model, dtype, opset, out), "graph": "fused" if fused else "traced",
+              "weights": weights if weights == "float" else {"type": weights, "block_size": BLOCK_SIZE,
+                                                              "symmetric": False, "op": "MatMulNBits"}}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return out / MODEL_NAME
 

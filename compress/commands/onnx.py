@@ -1,7 +1,7 @@
 """Export a slim folder to ONNX (with per-layer KV cache inputs/outputs) and check parity.
 
-Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (model.onnx, its external data, onnx_config.json describing the
-cache; for a fused graph whose KV cache onnxruntime-genai can hold, also genai_config.json and the tokenizer) through
+Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (with int4/int8 weights: DIR/onnx-int4/ ...; model.onnx,
+its external data, onnx_config.json describing the cache; for a fused graph whose KV cache onnxruntime-genai can hold, also genai_config.json and the tokenizer) through
 a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
 decode step, 32 greedy tokens) on CPU, and on CUDA when onnxruntime-gpu and a GPU are present,
 and records the results in the folder's report.json.
@@ -27,18 +27,31 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "SkipSimplifiedLayerNormalization; llama/mistral/qwen2-style models with head dimensions "
                         "that are multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
                         "any model; auto (default): fused where it can express the model")
+    p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
+                   help="int8 / int4: the decoder layers' weights quantized for onnxruntime's MatMulNBits (blocks of "
+                        "32 input channels, one scale and zero point each; embeddings, norms and LM head stay "
+                        "float), written to DIR/onnx-int4 (or -int8); parity is checked against the slim model "
+                        "holding the dequantized weights, and the cost of quantizing (KL, perplexity against the "
+                        "float slim model on held-out text) is printed and recorded. Fused graph only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def onnx_dir(folder: Path, dtype: str) -> Path:
-    return folder / ("onnx" if dtype == "float32" else f"onnx-{dtype}")
+def onnx_dir(folder: Path, dtype: str, weights: str = "float") -> Path:
+    from exporters.onnx_export import onnx_dir_name
+
+    return folder / onnx_dir_name(_variant(dtype, weights))
 
 
-def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = False, graph: str = "auto") -> list:
-    """ONNX for an exported folder, parity-checked before it is moved into DIR/onnx."""
+def _variant(dtype: str, weights: str) -> str:
+    return dtype if weights == "float" else f"{dtype}-{weights}"
+
+
+def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = False, graph: str = "auto",
+                       weights: str = "float") -> list:
+    """ONNX for an exported folder, parity-checked before it is moved into DIR/onnx (DIR/onnx-int4 ...)."""
     from transformers import AutoModelForCausalLM
 
     from compress.reference import CALIB_TEXT
@@ -53,26 +66,61 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
     slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
-    ids = windows(token_stream(load_tokenizer(folder), load_text(CALIB_TEXT)), 24, 1)
-    with staged_folder(onnx_dir(folder, dtype), overwrite=overwrite) as staging:
-        export_onnx(slim, staging, dtype=dtype, graph=graph)
+    tokenizer = load_tokenizer(folder)
+    ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 24, 1)
+    quality = None
+    with staged_folder(onnx_dir(folder, dtype, weights), overwrite=overwrite) as staging:
+        try:
+            path = export_onnx(slim, staging, dtype=dtype, graph=graph, weights=weights)
+        except ValueError as e:  # a model the fused graph cannot express, asked for int4 ...
+            raise CompressError(str(e)) from None
         if (staging / GENAI_NAME).is_file():  # onnxruntime-genai reads the tokenizer from the same folder
             for name in TOKENIZER_FILES:
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, staging / name)
-        checks = onnx_checks(slim, staging, dtype, ids)
+        reference = slim
+        if weights != "float":
+            from exporters.onnx_quant import dequantized_reference
+
+            reference = dequantized_reference(slim, path)
+        checks = onnx_checks(reference, staging, dtype, ids)
+        if weights != "float":
+            for c in checks:
+                c.name, c.detail = f"onnx {weights}", f"vs the slim model holding the graph's dequantized {weights} " \
+                                                      f"weights; {c.detail}"
         for c in checks:
             print("  parity " + c.line())
         raise_on_failure(checks)
+        if weights != "float":
+            quality = _quantization_cost(reference, slim, tokenizer, weights)
     report_path = folder / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        report.setdefault("onnx", {})[dtype] = [c.to_dict() for c in checks]
+        report.setdefault("onnx", {})[_variant(dtype, weights)] = [c.to_dict() for c in checks]
+        if quality is not None:
+            report.setdefault("onnx_quantization", {})[_variant(dtype, weights)] = quality
         report_path.write_text(json.dumps(report, indent=1) + "\n")
     return checks
 
 
+QUALITY_WINDOWS = 16  # held-out windows of 256 tokens for the cost of quantizing
+
+
+def _quantization_cost(quantized, slim, tokenizer, weights: str) -> dict:
+    """KL and perplexities of the quantized model (its PyTorch twin) against the float slim model."""
+    from compress.reference import TEST_TEXT
+    from compress.textdata import load_text, token_stream
+    from validation.quality import compare
+
+    q = compare(quantized, slim, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=256,
+                max_windows=QUALITY_WINDOWS, progress=False)
+    print(f"  {weights} weights on {q.windows} held-out windows: perplexity {q.reference_perplexity:.2f} (float) -> "
+          f"{q.perplexity:.2f}, KL {q.kl:.4f}, top-1 agreement {q.top1_agreement:.3f}")
+    return {"windows": q.windows, "float_ppl": q.reference_perplexity, "quantized_ppl": q.perplexity, "kl": q.kl,
+            "agreement": q.top1_agreement}
+
+
 def run(args: argparse.Namespace) -> int:
-    checks = export_folder_onnx(args.folder, args.dtype, args.overwrite, args.graph)
-    print(f"wrote {onnx_dir(args.folder.resolve(), args.dtype)} ({len(checks)} parity checks passed)")
+    checks = export_folder_onnx(args.folder, args.dtype, args.overwrite, args.graph, args.weights)
+    print(f"wrote {onnx_dir(args.folder.resolve(), args.dtype, args.weights)} ({len(checks)} parity checks passed)")
     return 0

@@ -1,0 +1,121 @@
+"""Weight-only int4 / int8 quantization of a fused ONNX graph, and the PyTorch model it computes.
+
+The decoder layers' MatMuls (packed QKV, o_proj, gate/up/down) become onnxruntime's MatMulNBits:
+each weight column quantized in blocks of `block_size` input channels, asymmetric, with one float
+scale and one zero point per block (onnxruntime's own quantizer, round to nearest). Embeddings,
+norms and the LM head stay in the graph's float type. A pruned model's smaller MatMuls simply
+quantize smaller: pruning and quantization compose.
+
+What is checked is not "close to the float model" (quantization moves the logits by design) but
+equivalence to an independent reference: `dequantized_reference` reads the quantized blocks back
+from the graph (our own unpacking of the MatMulNBits layout, not onnxruntime's), puts the
+dequantized weights into a copy of the slim PyTorch model, and the usual ONNX-vs-PyTorch parity
+check runs against that copy. How much quantization costs is then measured on that copy (KL and
+perplexity against the float slim model).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["WEIGHTS", "quantize_weights", "dequantized_weights", "dequantized_reference"]
+
+WEIGHTS = {"int4": 4, "int8": 8}  # --weights choices beside "float"
+BLOCK_SIZE = 32
+
+
+def quantize_weights(model_path: str | Path, weights: str, data_name: str, block_size: int = BLOCK_SIZE) -> None:
+    """Rewrite `model_path` (a fused graph, weights in `data_name` beside it) with its decoder
+    layers' MatMul weights quantized to `weights` ("int4" / "int8")."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from exporters.onnx_fused import save_fused
+
+    path = Path(model_path)
+    model = onnx.load(str(path))  # external data read in
+    for node in model.graph.node:  # the quantizer selects nodes by name
+        node.name = node.name or node.output[0]
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and not n.input[1].startswith("model.layers.")]
+    quantizer = MatMulNBitsQuantizer(model, bits=WEIGHTS[weights], block_size=block_size, is_symmetric=False,
+                                     nodes_to_exclude=others)
+    log = logging.getLogger(MatMulNBitsQuantizer.__module__)  # a line per node it skips, at INFO
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    (path.parent / data_name).unlink(missing_ok=True)
+    save_fused(quantizer.model.model, path, data_name)
+
+
+def dequantized_weights(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """{original weight name (as the fused graph named it): float32 [K, N]} for every MatMulNBits,
+    unpacked from the stored blocks: B [N, blocks, block_size * bits / 8] uint8 (low bits first),
+    one scale per column and block, zero points packed likewise (default 2^(bits-1))."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    init = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+        blocks = -(-K // block)
+        q = _unpack(numpy_helper.to_array(init[node.input[1]]).reshape(N, -1), bits)[:, :blocks * block]
+        scales = numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(N, blocks)
+        if len(node.input) > 3 and node.input[3]:
+            zp = _unpack(numpy_helper.to_array(init[node.input[3]]).reshape(N, -1), bits)[:, :blocks]
+        else:
+            zp = np.full((N, blocks), 2 ** (bits - 1), np.float32)
+        w = (q.reshape(N, blocks, block) - zp[:, :, None]) * scales[:, :, None]
+        name = node.input[1].removesuffix(f"_Q{bits}")
+        out[name] = torch.from_numpy(np.ascontiguousarray(w.reshape(N, blocks * block)[:, :K].T))
+    return out
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes -> their `bits`-bit values, lowest bits first, as float32 (last axis grows 8/bits-fold)."""
+    packed = packed.astype(np.uint8)
+    if bits == 8:
+        return packed.astype(np.float32)
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.float32)
+
+
+def dequantized_reference(slim, model_path: str | Path) -> torch.nn.Module:
+    """A copy of the slim model (float32) whose quantized linears hold the graph's dequantized
+    weights: what the quantized graph computes, up to float rounding."""
+    ref = copy.deepcopy(slim).float().eval()
+    weights = dequantized_weights(model_path)
+    used = set()
+    for i, layer in enumerate(ref.model.layers):
+        pre = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = {f"{pre}.self_attn.qkv.weight_t": [attn.q_proj, attn.k_proj, attn.v_proj] if attn.heads else [],
+                  f"{pre}.self_attn.o_proj.weight_t": [attn.o_proj] if attn.heads else []}
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            if mlp.width and getattr(mlp, part, None) is not None:
+                groups[f"{pre}.mlp.{part}.weight_t"] = [getattr(mlp, part)]
+        for name, linears in groups.items():
+            if not linears:
+                continue
+            if name not in weights:
+                raise ValueError(f"{model_path}: {name} is not quantized; not a graph quantize_weights wrote")
+            rows = torch.split(weights[name].T, [m.out_features for m in linears])
+            for m, w in zip(linears, rows):
+                m.weight.data = w.contiguous().to(m.weight.dtype)
+            used.add(name)
+    left = set(weights) - used
+    if left:
+        raise ValueError(f"{model_path}: quantized weights {sorted(left)[:3]} match no linear of the slim model")
+    return ref
