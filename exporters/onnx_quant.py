@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["WEIGHTS", "quantize_weights", "dequantized_weights", "dequantized_reference"]
+__all__ = ["WEIGHTS", "quantize_weights", "dequantized_weights", "dequantized_reference", "bytes_saved"]
 
 WEIGHTS = {"int4": 4, "int8": 8}  # --weights choices beside "float"
 BLOCK_SIZE = 32
@@ -119,3 +119,20 @@ def dequantized_reference(slim, model_path: str | Path) -> torch.nn.Module:
     if left:
         raise ValueError(f"{model_path}: quantized weights {sorted(left)[:3]} match no linear of the slim model")
     return ref
+
+
+def bytes_saved(model_path: str | Path) -> int:
+    """Weight bytes a decode step no longer reads: each quantized MatMul's float weight, less its
+    blocks, scales and zero points (for the benchmark's bytes-ideal speedup)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    init = {t.name: t for t in model.graph.initializer}
+    saved = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            elem = numpy_helper.to_array(init[node.input[2]]).itemsize  # scales are in the graph's float type
+            saved += a["K"] * a["N"] * elem - sum(numpy_helper.to_array(init[n]).nbytes for n in node.input[1:] if n)
+    return saved

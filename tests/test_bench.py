@@ -51,16 +51,20 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     assert main(["export", "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--eval-windows", "0"]) == 0
     capsys.readouterr()
     assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "--prompt", "16",
-                 "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--onnx-graph", "fused", "traced"]) == 0
+                 "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--onnx-graph", "fused", "traced",
+                 "--onnx-weights", "float", "int4"]) == 0
     printed = capsys.readouterr().out
     assert "read bandwidth" in printed and "1 threads" in printed
     for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
                 "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider, fused graph) | random disp@0.5 |",
-                "| onnxruntime (CPUExecutionProvider, traced graph) | dense |"):
+                "| onnxruntime (CPUExecutionProvider, traced graph) | dense |",
+                "| onnxruntime (CPUExecutionProvider, fused graph, int4 weights) | random disp@0.5 |"):
         assert row in printed, row
+    assert "int4 skipped for dense, traced graph" in printed
     peer = importlib.util.find_spec("onnxruntime_genai") is not None  # CI installs the [peer] extra
     assert ("| onnxruntime-genai (peer) | dense |" in printed) == peer
     assert ("| onnxruntime-genai (ours, fused graph) | random disp@0.5 |" in printed) == peer
+    assert ("| onnxruntime-genai (peer, int4) | dense |" in printed) == peer
     assert ("peer skipped: onnxruntime-genai is not installed" in printed) == (not peer)
     speed = json.loads((out / "report.json").read_text())["speed"]
     assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}

@@ -166,15 +166,19 @@ def torch_timer(model, name: str, batch: int, prompt: int, new_tokens: int) -> T
                  lambda: _split(prefill, decode, device))
 
 
-def onnx_timer(runner, slim, name: str, batch: int, prompt: int, new_tokens: int) -> Timer:
+def onnx_timer(runner, slim, name: str, batch: int, prompt: int, new_tokens: int, saved: int = 0) -> Timer:
+    """`saved`: weight bytes the graph reads less than the PyTorch model (quantized weights)."""
     ids, cpu = _prompt(slim, batch, prompt), torch.device("cpu")
-    return Timer(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph)", name,
-                 bytes_per_token(slim, batch, prompt + new_tokens // 2),
+    weights = runner.config.get("weights", "float")
+    quantized = "" if weights == "float" else f", {weights['type']} weights"
+    return Timer(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph{quantized})", name,
+                 bytes_per_token(slim, batch, prompt + new_tokens // 2) - saved,
                  lambda: _split(lambda: runner.generate(ids, max_new_tokens=1),
                                 lambda: runner.generate(ids, max_new_tokens=new_tokens + 1), cpu))
 
 
-def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int) -> Timer:
+def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int,
+                saved: int = 0) -> Timer:
     """An onnxruntime-genai model folder (the peer's model-builder graph of the dense model, or one of
     our fused graphs with its genai_config.json): prefill = appending the prompt, decode =
     `new_tokens` calls of generate_next_token."""
@@ -194,7 +198,7 @@ def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, 
             generator.generate_next_token()
         return t1 - t0, time.perf_counter() - t1
 
-    return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2), once)
+    return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2) - saved, once)
 
 
 def random_plan(g, shape: str, ratio: float, seed: int = 0):

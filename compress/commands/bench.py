@@ -61,6 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="ONNX graphs to time, each a row per model: fused (onnxruntime's fused operators, KV "
                         "buffers appended in place), traced (the dynamo exporter's graph), auto (fused where "
                         "it can express the model)")
+    p.add_argument("--onnx-weights", nargs="+", default=["float"], choices=["float", "int8", "int4"],
+                   help="weights of the ONNX graphs timed, each a row per model: float (the graph's dtype), "
+                        "int8 / int4 (MatMulNBits, fused graphs only; the peer is then also built with int4)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
                         "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")
@@ -123,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
         timers = [torch_timer(dense, "stock transformers", **shape)]
         timers += [torch_timer(m, label, **shape) for label, m in slims.items()]
         if args.onnx:
-            timers += _onnx_timers(slims, dtype, shape, args.onnx_graph, Path(tmp))
+            timers += _onnx_timers(slims, dtype, shape, args.onnx_graph, args.onnx_weights, Path(tmp))
         if args.peer:
-            timers += _peer_timers(dense, args.model if args.shape is None else None, device, dtype, shape, Path(tmp))
+            for precision in ["fp32"] + (["int4"] if "int4" in args.onnx_weights else []):
+                timers += _peer_timers(dense, args.model if args.shape is None else None, device, dtype, shape,
+                                       Path(tmp), precision)
         rows = measure(timers, repeats=args.repeats, **shape)
         del timers  # sessions and their files go before the folder does
     bandwidth = read_bandwidth(device)
@@ -156,37 +161,50 @@ def _record(folder: Path, setup: str, rows: list, bandwidth: float, batch: int) 
         path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str], tmp: Path) -> list:
-    """onnxruntime timers of every graph asked for; where a fused graph has a genai_config.json and
-    onnxruntime-genai is installed, also that graph run by onnxruntime-genai (the peer's runtime)."""
+def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str], weights: list[str],
+                 tmp: Path) -> list:
+    """onnxruntime timers of every graph and weight type asked for; where a fused graph has a
+    genai_config.json and onnxruntime-genai is installed, also that graph run by onnxruntime-genai
+    (the peer's runtime)."""
     import importlib.util
 
     from exporters.onnx_export import export_onnx
+    from exporters.onnx_fused import supported
+    from exporters.onnx_quant import bytes_saved
     from exporters.onnx_runner import OnnxRunner, ort
     from validation.bench import genai_timer, onnx_timer
 
     timers, genai = [], []
     onnx_dtype = "float16" if dtype == torch.float16 else "float32"
     for graph in dict.fromkeys(graphs):
-        for label, m in slims.items():
-            out = tmp / graph / label
-            export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype, graph=graph)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
-            timers.append(onnx_timer(OnnxRunner(out, session_options=options), m, label, **shape))
-            if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
-                _genai_threads(out)
-                genai.append(genai_timer(out, m, "onnxruntime-genai (ours, fused graph)", label, **shape))
+        for kind in dict.fromkeys(weights):
+            for label, m in slims.items():
+                if kind != "float" and (graph == "traced" or supported(m)):
+                    print(f"{kind} skipped for {label}, {graph} graph: quantized weights need the fused graph")
+                    continue
+                out = tmp / graph / kind / label
+                path = export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype,
+                                   graph=graph, weights=kind)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
+                saved = bytes_saved(path) if kind != "float" else 0
+                timers.append(onnx_timer(OnnxRunner(out, session_options=options), m, label, **shape, saved=saved))
+                if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
+                    _genai_threads(out)
+                    engine = "onnxruntime-genai (ours, fused graph" + ("" if kind == "float" else f", {kind}") + ")"
+                    genai.append(genai_timer(out, m, engine, label, **shape, saved=saved))
     return timers + genai
 
 
-def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path) -> list:
-    """The peer's timer, or none with a note saying why (not installed, not CPU float32)."""
+def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path, precision: str = "fp32") -> list:
+    """The peer's timer (the model builder's `precision`: fp32, or int4 weights with float32
+    activations), or none with a note saying why (not installed, not CPU float32)."""
     import importlib.util
     import subprocess
     import sys
 
     from compress.loading import load_tokenizer
+    from exporters.onnx_quant import BLOCK_SIZE, bytes_saved
     from validation.bench import genai_timer
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -195,17 +213,23 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path)
     if device.type != "cpu" or dtype != torch.float32:
         print("peer skipped: compared on CPU in float32 only")
         return []
-    hf, out = tmp / "peer-dense", tmp / "peer"
-    _save_plain(dense, hf)
-    load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
+    hf, out = tmp / "peer-dense", tmp / f"peer-{precision}"
+    if not hf.exists():
+        _save_plain(dense, hf)
+        load_tokenizer(tokenizer_source).save_pretrained(hf)  # the builder copies it; random shapes get ours
     build = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-             "-p", "fp32", "-e", "cpu", "-c", str(tmp / "peer-cache")]
+             "-p", precision, "-e", "cpu", "-c", str(tmp / "peer-cache")]
+    if precision == "int4":  # quantized as ours are: same blocks, same float compute, LM head left float
+        build += ["--extra_options", f"block_size={BLOCK_SIZE}", "is_symmetric=false", "accuracy_level=1",
+                  "nodes_to_exclude=/lm_head/MatMul"]
     done = subprocess.run(build, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return []
     _genai_threads(out)
-    return [genai_timer(out, dense, "onnxruntime-genai (peer)", "dense", **shape)]
+    engine = "onnxruntime-genai (peer)" if precision == "fp32" else f"onnxruntime-genai (peer, {precision})"
+    saved = 0 if precision == "fp32" else bytes_saved(out / "model.onnx")
+    return [genai_timer(out, dense, engine, "dense", **shape, saved=saved)]
 
 
 def _genai_threads(folder: Path) -> None:
