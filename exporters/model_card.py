@@ -55,7 +55,7 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         _quality(report),
         _parity(report, onnx_dirs),
         _speed(report),
-        _use(repo, revision, onnx_dirs, genai_dirs),
+        _use(repo, revision, onnx_dirs, genai_dirs, _quantized(report)),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -164,7 +164,24 @@ def _speed(report: dict) -> str:
     return f"## Speed\n\n{speed['setup']}\n\n{table}"
 
 
-def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...], genai_dirs: tuple[str, ...] = ()) -> str:
+def _quantized(report: dict) -> dict[str, str]:
+    """{ONNX folder: a sentence on its quantized weights and what they cost} (`compress onnx --weights`)."""
+    from exporters.onnx_export import onnx_dir_name
+
+    out = {}
+    for variant, q in report.get("onnx_quantization", {}).items():
+        weights = variant.rsplit("-", 1)[-1]
+        out[onnx_dir_name(variant)] = (
+            f"Its decoder layers' weights are {weights} (onnxruntime's MatMulNBits, blocks of 32 input channels "
+            f"with a scale and zero point each; embeddings, norms and LM head in float). Against the float slim "
+            f"model on {q['windows']} held-out windows: perplexity {q['float_ppl']:.2f} -> {q['quantized_ppl']:.2f}, "
+            f"KL {q['kl']:.4f}, top-1 agreement {q['agreement']:.3f}. Its parity check holds it against the slim "
+            f"model carrying the same dequantized weights.")
+    return out
+
+
+def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...], genai_dirs: tuple[str, ...] = (),
+         quantized: dict[str, str] | None = None) -> str:
     rev = f', revision="{revision}"' if revision else ""
     text = f"""## Use with transformers
 
@@ -198,6 +215,8 @@ print(runner.generate("def fibonacci(n):", max_new_tokens=32).text[0])
 The graph takes `input_ids`, `attention_mask`, `position_ids` and a KV cache with its own head
 count per layer (`{d}/onnx_config.json`); `OnnxRunner.forward` runs one step, `generate` does
 greedy or sampled decoding. No torch needed."""
+        if d in (quantized or {}):
+            text += "\n\n" + quantized[d]
         if d in genai_dirs:
             text += f"""
 

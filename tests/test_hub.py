@@ -380,3 +380,19 @@ def test_base_model_is_named_only_when_known_and_speed_is_shown_when_recorded(ex
     assert card == model_card(report, config, REPO)  # deterministic: a re-push of the same folder is a no-op
     assert "onnxruntime_genai" not in model_card(report, config, REPO, onnx_dirs=("onnx",))
     assert 'og.Model(f"{path}/onnx")' in model_card(report, config, REPO, onnx_dirs=("onnx",), genai_dirs=("onnx",))
+
+
+def test_card_says_what_quantized_onnx_weights_cost_and_lists_their_checks(exported):
+    out, _ = exported
+    report = json.loads((out / "report.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    check = {"name": "onnx int4", "device": "cpu", "dtype": "float32", "max_abs_diff": 2e-7, "tolerance": 1e-4,
+             "passed": True, "detail": "vs the slim model holding the graph's dequantized int4 weights"}
+    report["onnx"] = {"float32-int4": [check]}
+    report["onnx_quantization"] = {"float32-int4": {"windows": 16, "float_ppl": 20.0, "quantized_ppl": 21.5,
+                                                    "kl": 0.0421, "agreement": 0.9}}
+    card = model_card(report, config, REPO, onnx_dirs=("onnx-int4",))
+    assert "## Use with onnxruntime (`onnx-int4/`)" in card and "perplexity 20.00 -> 21.50, KL 0.0421" in card
+    assert "| onnx int4 | cpu | float32 |" in card
+    plain = model_card(report, config, REPO, onnx_dirs=("onnx",))
+    assert "MatMulNBits" not in plain and "| onnx int4 |" not in plain
