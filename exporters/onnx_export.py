@@ -176,7 +176,7 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
 
     graph: "fused" (`onnx_fused`: onnxruntime's fused operators, much faster to run), "traced" (the
     dynamo exporter's graph, any model), "auto": fused where it can express the model. weights:
-    "float", or "int4" / "int8" (`onnx_quant`: the decoder layers' MatMuls weight-only quantized;
+    "float", or "int4" (`onnx_quant`: the decoder layers' MatMuls weight-only quantized;
     fused graphs only). The caller's model is left as it was (a float16 export converts a copy).
     """
     from exporters.onnx_fused import GENAI_NAME, build_fused, genai_config, save_fused, supported

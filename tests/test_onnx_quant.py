@@ -1,4 +1,4 @@
-"""int4 / int8 weights (MatMulNBits) in the fused graph: onnxruntime == the slim model holding the
+"""int4 weights (MatMulNBits) in the fused graph: onnxruntime == the slim model holding the
 weights we read back from the graph ourselves, the float slim model is measurably not that, and
 `compress onnx --weights` writes, checks and records it."""
 
@@ -23,7 +23,7 @@ from tiny import tiny_model
 from validation.parity import compare_onnx
 
 
-@pytest.mark.parametrize("weights", ["int4", "int8"])
+@pytest.mark.parametrize("weights", ["int4"])
 @pytest.mark.parametrize("family", sorted(WIDE))
 def test_quantized_graph_computes_the_dequantized_weights(family, weights, tmp_path):
     """Pruned (partial residual reads, odd widths that are no multiple of the block) and quantized."""

@@ -61,9 +61,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="ONNX graphs to time, each a row per model: fused (onnxruntime's fused operators, KV "
                         "buffers appended in place), traced (the dynamo exporter's graph), auto (fused where "
                         "it can express the model)")
-    p.add_argument("--onnx-weights", nargs="+", default=["float"], choices=["float", "int8", "int4"],
+    p.add_argument("--onnx-weights", nargs="+", default=["float"], choices=["float", "int4"],
                    help="weights of the ONNX graphs timed, each a row per model: float (the graph's dtype), "
-                        "int8 / int4 (MatMulNBits, fused graphs only; the peer is then also built with int4)")
+                        "int4 (MatMulNBits, fused graphs only; the peer is then also built with int4 weights, quantized the "
+                        "same way)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
                         "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")

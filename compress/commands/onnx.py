@@ -1,6 +1,6 @@
 """Export a slim folder to ONNX (with per-layer KV cache inputs/outputs) and check parity.
 
-Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (with int4/int8 weights: DIR/onnx-int4/ ...; model.onnx,
+Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (with int4 weights: DIR/onnx-int4/; model.onnx,
 its external data, onnx_config.json describing the cache; for a fused graph whose KV cache onnxruntime-genai can hold, also genai_config.json and the tokenizer) through
 a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
 decode step, 32 greedy tokens) on CPU, and on CUDA when onnxruntime-gpu and a GPU are present,
@@ -27,10 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "SkipSimplifiedLayerNormalization; llama/mistral/qwen2-style models with head dimensions "
                         "that are multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
                         "any model; auto (default): fused where it can express the model")
-    p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
-                   help="int8 / int4: the decoder layers' weights quantized for onnxruntime's MatMulNBits (blocks of "
+    p.add_argument("--weights", default="float", choices=["float", "int4"],
+                   help="int4: the decoder layers' weights quantized for onnxruntime's MatMulNBits (blocks of "
                         "32 input channels, one scale and zero point each; embeddings, norms and LM head stay "
-                        "float), written to DIR/onnx-int4 (or -int8); parity is checked against the slim model "
+                        "float), written to DIR/onnx-int4; parity is checked against the slim model "
                         "holding the dequantized weights, and the cost of quantizing (KL, perplexity against the "
                         "float slim model on held-out text) is printed and recorded. Fused graph only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
