@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--parity-scope", default="auto", choices=["auto", "model", "layers"])
+    ap.add_argument("--spill-share", type=float, default=None,
+                    help="run the export with compress.memory.SPILL_SHARE set to this (0: streamed calibration "
+                         "activations always go to disk), to measure what spilling saves")
     ap.add_argument("--section", default=None, help="RESULTS.md section (default: memory-SHAPE)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is written (default: a temp dir)")
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = [a for opt in filter(None, options.split(",")) for a in ("--" + opt.partition("=")[0],
                                                                             opt.partition("=")[2])]
             out = work / "slim"
-            cmd = [sys.executable, "-m", "compress.cli", "export", "--model", str(dense), "--method", name,
+            entry = ["-m", "compress.cli"] if args.spill_share is None else [
+                "-c", f"import sys, compress.memory as m; m.SPILL_SHARE = {args.spill_share}; "
+                      "from compress.cli import main; sys.exit(main())"]
+            cmd = [sys.executable, *entry, "export", "--model", str(dense), "--method", name,
                    "--ratio", str(args.ratio), "--dtype", args.dtype, "--out", str(out), "--eval-windows", "0",
                    "--calib-samples", str(args.calib_samples), "--parity-scope", args.parity_scope, *extra]
             log = work / f"{name}.log"
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Random-weight Llama ({layers} layers, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
         f"vocab {shape['vocab_size']}) saved in {args.dtype}; `compress export --ratio {args.ratio} --dtype "
-        f"{args.dtype} --calib-samples {args.calib_samples} --parity-scope {args.parity_scope} --eval-windows 0`; "
+        f"{args.dtype} --calib-samples {args.calib_samples} --parity-scope {args.parity_scope} --eval-windows 0`"
+        f"{'' if args.spill_share is None else f' with SPILL_SHARE = {args.spill_share}'}; "
         f"peak resident memory of the export process (kernel's maxrss); machine: {os.cpu_count()} cores, "
         f"{_total_memory() / 2**30:.0f} GiB. Produced by {invocation('memory.py', argv)}.",
         "",
