@@ -16,7 +16,8 @@ Peak memory is the shared tensors, one layer (and its float64 copies), the hidde
 windows at two layer boundaries (on disk, a batch in memory at a time, when they would take over
 a quarter of the memory) and one output shard: a 7B bfloat16 checkpoint exports on a 24 GiB
 machine. A Hub id is read from its snapshot in the Hugging Face cache, a GGUF file from a
-temporary safetensors copy (`compress.gguf_folder`). The output is byte-identical to the in-memory path's (tests/test_streaming.py).
+temporary safetensors copy (`compress.gguf_folder`). The output is byte-identical to the
+in-memory path's (tests/test_streaming.py).
 """
 
 from __future__ import annotations
@@ -222,9 +223,9 @@ class StreamedPrune(NamedTuple):
 
 @contextmanager
 def _activations(stream: DenseStream, calib: torch.Tensor | None) -> Iterator:
-    """A folder for the hidden states when two layer boundaries' worth of them of `calib` (the layer's input and output)
-    would take more than a quarter of the available memory, else None (kept in memory). The
-    folder is a temporary one (under $TMPDIR: point it at a disk with room)."""
+    """A folder for the hidden states of `calib` when two layer boundaries' worth of them (a
+    layer's input and output) would take more than a quarter of the available memory, else None
+    (kept in memory). The folder is a temporary one (under $TMPDIR: point it at a disk with room)."""
     import tempfile
 
     from compress.memory import spill_needed
