@@ -8,8 +8,10 @@ to fixed KV buffers in place (`onnx_runner.SharedCache`); per layer it uses:
 - `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel) wherever a sublayer
   writes the whole residual width; where it writes a subset (DISP), the scatter-add of the traced
   graph (GatherElements + Add + ScatterElements, indices constant) and `SimplifiedLayerNormalization`;
-- one MatMul for q, k and v together, `GroupQueryAttention` (rotary embedding, causal and
-  padding mask, sliding window and the KV cache append inside; per-layer head counts), one MatMul for o_proj;
+- one MatMul for q, k and v together (three where q and k are normed per head, Qwen3: each norm
+  a `SimplifiedLayerNormalization` over the head dimension), `GroupQueryAttention` (rotary
+  embedding, causal and padding mask, sliding window and the KV cache append inside; per-layer
+  head counts), one MatMul for o_proj;
 - MatMuls for gate, up and down_proj, SiLU as x * Sigmoid(x) (onnxruntime fuses it).
 
 Inputs and outputs are those of the traced graph (the runner and the parity checks do not know
@@ -19,10 +21,10 @@ the causal mask and rotary positions come from `position_ids` and the cache leng
 query row (left padding) is not a real token: its output differs from the PyTorch model's and
 is never used.
 
-Covers static models (no Probe Pruning) with rotary positions, RMSNorm, no q/k norm, the rotary
-dimension equal to the head dimension (a multiple of 16, which the operator needs), and query heads spread evenly over their KV heads (whole
-KV groups pruned, or the same number of heads in every group); `supported` says why not
-otherwise, and the traced graph is written instead.
+Covers static models (no Probe Pruning) with rotary positions, RMSNorm, the rotary dimension
+equal to the head dimension (a multiple of 16, which the operator needs), and query heads spread
+evenly over their KV heads (whole KV groups pruned, or the same number of heads in every group);
+`supported` says why not otherwise, and the traced graph is written instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["supported", "build_fused", "genai_config", "GENAI_NAME"]
+__all__ = ["supported", "build_fused", "weight_groups", "genai_config", "GENAI_NAME"]
 
 GENAI_NAME = "genai_config.json"
 
@@ -56,7 +58,7 @@ def supported(slim) -> str | None:
     """None if the fused graph can express this model, else why not (one phrase)."""
     c = slim.config
     reasons = [(bool(c.probe), "Probe Pruning"), (c.positions != "rope", "learned positions"),
-               (c.norm != "rms", "LayerNorm"), (c.qk_norm, "q/k norms"),
+               (c.norm != "rms", "LayerNorm"),
                (c.rope_dim != c.head_dim, "partial rotary embedding"),
                (c.head_dim % 16 != 0, "head dimension not a multiple of 16"),
                (c.hidden_act not in _ACTIVATIONS, f"activation {c.hidden_act}")]
@@ -90,13 +92,38 @@ class _Builder:
         self.nodes.append(self.helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def linear(self, x: str, name: str, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> str:
+    def linear(self, x: str, name: str, linears: list) -> str:
         """x @ cat(weights).T (+ cat(biases)): one MatMul for projections that read the same input."""
+        weights, biases = [m.weight for m in linears], [m.bias for m in linears]
         y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", torch.cat(weights).T.contiguous())])
         if any(b is not None for b in biases):
             full = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
             y = self.op("Add", [y, self.weight(f"{name}.bias", full)])
         return y
+
+    def head_norm(self, x: str, weight: torch.Tensor, name: str, head_dim: int, eps: float) -> str:
+        """RMSNorm over each head's dimensions of [B, T, heads * head_dim] (Qwen3's q/k norms)."""
+        heads = self.op("Reshape", [x, self.const(f"{name}.heads_shape", np.array([0, 0, -1, head_dim], np.int64))])
+        y = self.op("SimplifiedLayerNormalization", [heads, self.weight(name, weight)], axis=-1, epsilon=eps)
+        return self.op("Reshape", [y, self.const(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))])
+
+
+def weight_groups(config, layer, pre: str) -> dict[str, list]:
+    """{MatMul name: the slim linears whose weights it holds, concatenated} of one decoder layer;
+    the graph stores each as "{name}.weight_t" ([in, out]). q, k and v share one MatMul unless
+    q and k are normed per head (Qwen3), which needs them apart."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {}
+    if attn.heads:
+        if config.qk_norm:
+            groups.update({f"{pre}.self_attn.{p}": [getattr(attn, p)] for p in ("q_proj", "k_proj", "v_proj")})
+        else:
+            groups[f"{pre}.self_attn.qkv"] = [attn.q_proj, attn.k_proj, attn.v_proj]
+        groups[f"{pre}.self_attn.o_proj"] = [attn.o_proj]
+    if mlp.width:
+        parts = ("gate_proj", "up_proj", "down_proj") if mlp.gated else ("up_proj", "down_proj")
+        groups.update({f"{pre}.mlp.{p}": [getattr(mlp, p)] for p in parts})
+    return groups
 
 
 class _Residual:
@@ -190,20 +217,26 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
                else b.const(f"{pre}.{k}_index", getattr(layer, f"{k}_index"))
                for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
         attn, mlp = layer.self_attn, layer.mlp
+        groups = weight_groups(c, layer, pre)
         a = res.norm(b.weight(f"{pre}.input_layernorm.weight", layer.input_layernorm.weight))
         if idx["attn_in"] is not None:
             a = b.op("Gather", [a, idx["attn_in"]], axis=-1)
         y = None
         if attn.heads:
-            qkv = b.linear(a, f"{pre}.self_attn.qkv", [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
-                           [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            if c.qk_norm:  # q and k normed per head before the rotary embedding GroupQueryAttention applies
+                qkv = [b.linear(a, f"{pre}.self_attn.{p}", groups[f"{pre}.self_attn.{p}"])
+                       for p in ("q_proj", "k_proj", "v_proj")]
+                qkv[:2] = [b.head_norm(qkv[j], norm.weight, f"{pre}.self_attn.{n}.weight", c.head_dim, c.norm_eps)
+                           for j, (n, norm) in enumerate((("q_norm", attn.q_norm), ("k_norm", attn.k_norm)))]
+            else:
+                qkv = [b.linear(a, f"{pre}.self_attn.qkv", groups[f"{pre}.self_attn.qkv"]), "", ""]
             ctx = f"{pre}.self_attn.context"
-            b.op("GroupQueryAttention", [qkv, "", "", past[(i, "key")], past[(i, "value")], seqlens, total32, cos,
+            b.op("GroupQueryAttention", [*qkv, past[(i, "key")], past[(i, "value")], seqlens, total32, cos,
                                          sin, pos, bias],
                  [ctx, present[(i, "key")], present[(i, "value")]], domain=MS,
                  num_heads=attn.heads, kv_num_heads=attn.kv_heads, scale=1.0 / math.sqrt(c.head_dim),
                  do_rotary=1, local_window_size=c.attention_window or -1)
-            y = b.linear(ctx, f"{pre}.self_attn.o_proj", [attn.o_proj.weight], [attn.o_proj.bias])
+            y = b.linear(ctx, f"{pre}.self_attn.o_proj", groups[f"{pre}.self_attn.o_proj"])
         elif getattr(attn, "out_bias", None) is not None:
             res.add_constant(b.weight(f"{pre}.self_attn.out_bias", _scattered(attn.out_bias, layer.attn_out_index, c)))
         res.write(y, idx["attn_out"])
@@ -214,13 +247,12 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
         y = None
         if mlp.width:
             if mlp.gated:  # two MatMuls: one fused would need a Split, which copies
-                gate = b.linear(h, f"{pre}.mlp.gate_proj", [mlp.gate_proj.weight], [mlp.gate_proj.bias])
-                up = b.linear(h, f"{pre}.mlp.up_proj", [mlp.up_proj.weight], [mlp.up_proj.bias])
+                gate = b.linear(h, f"{pre}.mlp.gate_proj", groups[f"{pre}.mlp.gate_proj"])
+                up = b.linear(h, f"{pre}.mlp.up_proj", groups[f"{pre}.mlp.up_proj"])
                 act = b.op("Mul", [_activation(b, c.hidden_act, gate), up])
             else:
-                act = _activation(b, c.hidden_act, b.linear(h, f"{pre}.mlp.up_proj", [mlp.up_proj.weight],
-                                                           [mlp.up_proj.bias]))
-            y = b.linear(act, f"{pre}.mlp.down_proj", [mlp.down_proj.weight], [mlp.down_proj.bias])
+                act = _activation(b, c.hidden_act, b.linear(h, f"{pre}.mlp.up_proj", groups[f"{pre}.mlp.up_proj"]))
+            y = b.linear(act, f"{pre}.mlp.down_proj", groups[f"{pre}.mlp.down_proj"])
         elif getattr(mlp, "out_bias", None) is not None:
             res.add_constant(b.weight(f"{pre}.mlp.out_bias", _scattered(mlp.out_bias, layer.mlp_out_index, c)))
         res.write(y, idx["mlp_out"])

@@ -96,20 +96,14 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 def dequantized_reference(slim, model_path: str | Path) -> torch.nn.Module:
     """A copy of the slim model (float32) whose quantized linears hold the graph's dequantized
     weights: what the quantized graph computes, up to float rounding."""
+    from exporters.onnx_fused import weight_groups
+
     ref = copy.deepcopy(slim).float().eval()
     weights = dequantized_weights(model_path)
     used = set()
     for i, layer in enumerate(ref.model.layers):
-        pre = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = {f"{pre}.self_attn.qkv.weight_t": [attn.q_proj, attn.k_proj, attn.v_proj] if attn.heads else [],
-                  f"{pre}.self_attn.o_proj.weight_t": [attn.o_proj] if attn.heads else []}
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            if mlp.width and getattr(mlp, part, None) is not None:
-                groups[f"{pre}.mlp.{part}.weight_t"] = [getattr(mlp, part)]
-        for name, linears in groups.items():
-            if not linears:
-                continue
+        for group, linears in weight_groups(ref.config, layer, f"model.layers.{i}").items():
+            name = f"{group}.weight_t"
             if name not in weights:
                 raise ValueError(f"{model_path}: {name} is not quantized; not a graph quantize_weights wrote")
             rows = torch.split(weights[name].T, [m.out_features for m in linears])

@@ -16,6 +16,7 @@ from compress.cli import main
 from compress.reference import MODEL_DIR
 from compress.slimming import build_slim_model
 from exporters.onnx_export import CONFIG_NAME, export_onnx
+from exporters.onnx_fused import weight_groups
 from exporters.onnx_quant import dequantized_reference
 from exporters.onnx_runner import OnnxRunner
 from test_onnx import TOL_FP32, WIDE, prompts, pruning_plan
@@ -34,7 +35,8 @@ def test_quantized_graph_computes_the_dequantized_weights(family, weights, tmp_p
     ops = [n for n in onnx.load(str(path), load_external_data=False).graph.node]
     quantized = [n for n in ops if n.op_type == "MatMulNBits"]
     float_layers = [n for n in ops if n.op_type == "MatMul" and n.input[1].startswith("model.layers.")]
-    assert len(quantized) == 3 + 5 + 2 and not float_layers  # gate/up/down; qkv, o, gate/up/down; qkv, o
+    groups = sum(len(weight_groups(slim.config, layer, f"model.layers.{i}")) for i, layer in enumerate(slim.model.layers))
+    assert len(quantized) == groups and not float_layers  # llama: gate/up/down; qkv, o, gate/up/down; qkv, o
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["weights"]["type"] == weights
     runner = OnnxRunner(tmp_path)
     r = compare_onnx(dequantized_reference(slim, path), runner, prompts(), steps=8)
