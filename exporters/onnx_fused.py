@@ -21,8 +21,9 @@ the causal mask and rotary positions come from `position_ids` and the cache leng
 query row (left padding) is not a real token: its output differs from the PyTorch model's and
 is never used.
 
-Covers static models (no Probe Pruning) with rotary positions, RMSNorm, the rotary dimension
-equal to the head dimension (a multiple of 16, which the operator needs), and query heads spread
+Covers static models (no Probe Pruning) with rotary positions, RMSNorm, head and rotary
+dimensions that are multiples of 16 (the operator rotates the first rotary dimensions of each
+head, so Phi-3's partial rotary embedding fits), and query heads spread
 evenly over their KV heads (whole KV groups pruned, or the same number of heads in every group);
 `supported` says why not otherwise, and the traced graph is written instead.
 """
@@ -59,8 +60,8 @@ def supported(slim) -> str | None:
     c = slim.config
     reasons = [(bool(c.probe), "Probe Pruning"), (c.positions != "rope", "learned positions"),
                (c.norm != "rms", "LayerNorm"),
-               (c.rope_dim != c.head_dim, "partial rotary embedding"),
                (c.head_dim % 16 != 0, "head dimension not a multiple of 16"),
+               (c.rope_dim % 16 != 0, "rotary dimension not a multiple of 16"),
                (c.hidden_act not in _ACTIVATIONS, f"activation {c.hidden_act}")]
     reasons += [(layer.self_attn.heads and not _even_groups(layer.self_attn), f"layer {i}'s uneven GQA groups")
                 for i, layer in enumerate(slim.model.layers)]

@@ -37,7 +37,8 @@ TOL_FP16 = 1e-2
 WIDE = {"llama": dict(num_attention_heads=4, head_dim=16),
         "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),
         "qwen2": dict(num_attention_heads=4, head_dim=16),
-        "qwen3": dict(num_attention_heads=4, num_key_value_heads=2)}  # q/k norms: three MatMuls, two head norms
+        "qwen3": dict(num_attention_heads=4, num_key_value_heads=2),  # q/k norms: three MatMuls, two head norms
+        "phi3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)}  # rotary on 16 of 32 dimensions
 
 
 def pruning_plan(g) -> Plan:
@@ -200,10 +201,12 @@ def test_float16_export_runs_on_cpu(tmp_path, graph):
 
 def test_fused_graph_says_what_it_cannot_express(tmp_path):
     """auto falls back to the traced graph and records it; asking for fused says why not."""
-    cases = {"opt": "learned positions", "phi3": "partial rotary", "llama": "multiple of 16"}
-    for family, why in cases.items():
-        adapter = get_adapter(one_layer(family).config)
-        assert why in supported(build_slim_model(one_layer(family), adapter, Plan.keep_all(adapter.geometry())))
+    cases = {"opt": ({}, "learned positions"), "llama": ({}, "head dimension not a multiple of 16"),
+             "phi3": (dict(num_attention_heads=4), "rotary dimension not a multiple of 16")}  # 8 of 16 rotated
+    for family, (overrides, why) in cases.items():
+        model = one_layer(family, **overrides)
+        adapter = get_adapter(model.config)
+        assert why in supported(build_slim_model(model, adapter, Plan.keep_all(adapter.geometry())))
     model = one_layer("llama", **WIDE["llama"])  # 4 heads over 2 KV heads: 2 + 1 kept is uneven
     adapter = get_adapter(model.config)
     slim = build_slim_model(model, adapter, Plan(layers=[LayerPlan(heads=[0, 1, 2])]))
