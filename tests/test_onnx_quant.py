@@ -19,7 +19,7 @@ from exporters.onnx_export import CONFIG_NAME, export_onnx
 from exporters.onnx_fused import weight_groups
 from exporters.onnx_quant import dequantized_reference
 from exporters.onnx_runner import OnnxRunner
-from test_onnx import TOL_FP32, WIDE, prompts, pruning_plan
+from test_onnx import TOL_FP16, TOL_FP32, WIDE, prompts, pruning_plan
 from tiny import tiny_model
 from validation.parity import compare_onnx
 
@@ -45,6 +45,15 @@ def test_quantized_graph_computes_the_dequantized_weights(family, weights, tmp_p
     assert r["greedy_tokens_equal"]
     off = compare_onnx(slim, runner, prompts(), steps=2)["prefill_max_abs_diff"]
     assert off > 10 * TOL_FP32, off  # the float model is not what the graph computes
+
+
+def test_float16_int4_graph_matches_its_dequantized_reference(tmp_path):
+    model = tiny_model("llama", **WIDE["llama"])
+    adapter = get_adapter(model.config)
+    slim = build_slim_model(model, adapter, pruning_plan(adapter.geometry()))
+    path = export_onnx(slim, tmp_path, dtype="float16", graph="fused", weights="int4")
+    r = compare_onnx(dequantized_reference(slim, path).half(), OnnxRunner(tmp_path), prompts(), steps=4)
+    assert "error" not in r and r["float64_error"] <= TOL_FP16 and r["greedy_tokens_equal"], r
 
 
 def test_traced_graph_refuses_quantized_weights(tmp_path):
