@@ -35,9 +35,11 @@ def quantize_weights(model_path: str | Path, weights: str, data_name: str, block
     """Rewrite `model_path` (a fused graph, weights in `data_name` beside it) with its decoder
     layers' MatMul weights quantized to `weights` ("int4")."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from exporters.onnx_fused import save_fused
+    from exporters.onnx_runner import ort  # noqa: F401  (without onnxruntime: a one-line error naming the extra)
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     path = Path(model_path)
     model = onnx.load(str(path))  # external data read in
