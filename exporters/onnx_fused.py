@@ -5,9 +5,10 @@ nodes for a 30-layer model, attention as MatMul/Softmax, a KV cache grown by Con
 the whole cache per step). This graph has about 350 (SmolLM2-135M) and lets the runner append
 to fixed KV buffers in place (`onnx_runner.SharedCache`); per layer it uses:
 
-- `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel) wherever a sublayer
-  writes the whole residual width; where it writes a subset (DISP), the scatter-add of the traced
-  graph (GatherElements + Add + ScatterElements, indices constant) and `SimplifiedLayerNormalization`;
+- `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel; `SkipLayerNormalization`
+  for OPT's LayerNorm) wherever a sublayer writes the whole residual width; where it writes a
+  subset (DISP), the scatter-add of the traced graph (GatherElements + Add + ScatterElements,
+  indices constant) and `SimplifiedLayerNormalization` (`LayerNormalization`);
 - one MatMul for q, k and v together (three where q and k are normed per head, Qwen3: each norm
   a `SimplifiedLayerNormalization` over the head dimension), `GroupQueryAttention` (rotary
   embedding, causal and padding mask, sliding window and the KV cache append inside; per-layer
@@ -21,9 +22,10 @@ the causal mask and rotary positions come from `position_ids` and the cache leng
 query row (left padding) is not a real token: its output differs from the PyTorch model's and
 is never used.
 
-Covers static models (no Probe Pruning) with rotary positions, RMSNorm, head and rotary
-dimensions that are multiples of 16 (the operator rotates the first rotary dimensions of each
-head, so Phi-3's partial rotary embedding fits), and query heads spread
+Covers static models (no Probe Pruning) with head and rotary dimensions that are multiples of 16
+(the operator rotates the first rotary dimensions of each head, so Phi-3's partial rotary
+embedding fits; OPT's learned positions are added to the embeddings and nothing is rotated),
+and query heads spread
 evenly over their KV heads (whole KV groups pruned, or the same number of heads in every group);
 `supported` says why not otherwise, and the traced graph is written instead.
 """
@@ -58,10 +60,9 @@ def _even_groups(attn) -> bool:
 def supported(slim) -> str | None:
     """None if the fused graph can express this model, else why not (one phrase)."""
     c = slim.config
-    reasons = [(bool(c.probe), "Probe Pruning"), (c.positions != "rope", "learned positions"),
-               (c.norm != "rms", "LayerNorm"),
+    reasons = [(bool(c.probe), "Probe Pruning"),
                (c.head_dim % 16 != 0, "head dimension not a multiple of 16"),
-               (c.rope_dim % 16 != 0, "rotary dimension not a multiple of 16"),
+               (c.positions == "rope" and c.rope_dim % 16 != 0, "rotary dimension not a multiple of 16"),
                (c.hidden_act not in _ACTIVATIONS, f"activation {c.hidden_act}")]
     reasons += [(layer.self_attn.heads and not _even_groups(layer.self_attn), f"layer {i}'s uneven GQA groups")
                 for i, layer in enumerate(slim.model.layers)]
@@ -134,13 +135,17 @@ class _Residual:
     def __init__(self, b: _Builder, x: str, eps: float):
         self.b, self.x, self.pending, self.eps = b, x, None, eps
 
-    def norm(self, gamma: str) -> str:
+    def norm(self, module, name: str) -> str:
+        """`module` (RMSNorm, or LayerNorm with its bias: OPT) applied to the stream, stored as `name`.*."""
+        gamma = [self.b.weight(f"{name}.weight", module.weight)]
+        beta = [] if getattr(module, "bias", None) is None else [self.b.weight(f"{name}.bias", module.bias)]
         if self.pending is None:
-            return self.b.op("SimplifiedLayerNormalization", [self.x, gamma], axis=-1, epsilon=self.eps)
+            op = "LayerNormalization" if beta else "SimplifiedLayerNormalization"
+            return self.b.op(op, [self.x, *gamma, *beta], axis=-1, epsilon=self.eps)
         self.b.count += 1
         y, total = f"SkipNorm_{self.b.count}", f"SkipNorm_{self.b.count}_sum"  # unused outputs left unnamed
-        self.b.op("SkipSimplifiedLayerNormalization", [self.x, self.pending, gamma], [y, "", "", total],
-                  domain=MS, epsilon=self.eps)
+        op = "SkipLayerNormalization" if beta else "SkipSimplifiedLayerNormalization"
+        self.b.op(op, [self.x, self.pending, *gamma, *beta], [y, "", "", total], domain=MS, epsilon=self.eps)
         self.x = total
         self.pending = None
         return y
@@ -207,9 +212,16 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
     bias = b.op("Where", [padding, neg, b.const("zero_f", np.array(0, b.np_dtype))])
     bias = b.op("Unsqueeze", [bias, b.const("axes_12", np.array([1, 2], np.int64))])
     bias = b.op("Expand", [bias, b.op("Concat", [batch, one, seq, total], axis=0)])
-    angles = torch.arange(c.max_position_embeddings, dtype=torch.float32)[:, None] * m.rope_inv_freq[None, :]
-    cos = b.weight("rope.cos", angles.cos() * c.rope_attention_scaling)
-    sin = b.weight("rope.sin", angles.sin() * c.rope_attention_scaling)
+    rotary = c.positions == "rope"
+    if rotary:
+        angles = torch.arange(c.max_position_embeddings, dtype=torch.float32)[:, None] * m.rope_inv_freq[None, :]
+        cos = b.weight("rope.cos", angles.cos() * c.rope_attention_scaling)
+        sin = b.weight("rope.sin", angles.sin() * c.rope_attention_scaling)
+    else:  # learned positions (OPT): added to the embeddings, nothing rotated
+        cos = sin = ""
+        shifted = b.op("Add", [pos, b.const("position_offset", np.array(c.position_offset, np.int64))])
+        x = b.op("Add", [x, b.op("Gather", [b.weight("model.embed_positions.weight", m.embed_positions.weight),
+                                             shifted])])
 
     res = _Residual(b, x, c.norm_eps)
     for i, layer in enumerate(m.layers):
@@ -219,7 +231,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
                for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
         attn, mlp = layer.self_attn, layer.mlp
         groups = weight_groups(c, layer, pre)
-        a = res.norm(b.weight(f"{pre}.input_layernorm.weight", layer.input_layernorm.weight))
+        a = res.norm(layer.input_layernorm, f"{pre}.input_layernorm")
         if idx["attn_in"] is not None:
             a = b.op("Gather", [a, idx["attn_in"]], axis=-1)
         y = None
@@ -233,16 +245,16 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
                 qkv = [b.linear(a, f"{pre}.self_attn.qkv", groups[f"{pre}.self_attn.qkv"]), "", ""]
             ctx = f"{pre}.self_attn.context"
             b.op("GroupQueryAttention", [*qkv, past[(i, "key")], past[(i, "value")], seqlens, total32, cos,
-                                         sin, pos, bias],
+                                         sin, pos if rotary else "", bias],
                  [ctx, present[(i, "key")], present[(i, "value")]], domain=MS,
                  num_heads=attn.heads, kv_num_heads=attn.kv_heads, scale=1.0 / math.sqrt(c.head_dim),
-                 do_rotary=1, local_window_size=c.attention_window or -1)
+                 do_rotary=int(rotary), local_window_size=c.attention_window or -1)
             y = b.linear(ctx, f"{pre}.self_attn.o_proj", groups[f"{pre}.self_attn.o_proj"])
         elif getattr(attn, "out_bias", None) is not None:
             res.add_constant(b.weight(f"{pre}.self_attn.out_bias", _scattered(attn.out_bias, layer.attn_out_index, c)))
         res.write(y, idx["attn_out"])
 
-        h = res.norm(b.weight(f"{pre}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight))
+        h = res.norm(layer.post_attention_layernorm, f"{pre}.post_attention_layernorm")
         if idx["mlp_in"] is not None:
             h = b.op("Gather", [h, idx["mlp_in"]], axis=-1)
         y = None
@@ -258,7 +270,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
             res.add_constant(b.weight(f"{pre}.mlp.out_bias", _scattered(mlp.out_bias, layer.mlp_out_index, c)))
         res.write(y, idx["mlp_out"])
 
-    x = res.norm(b.weight("model.norm.weight", m.norm.weight))
+    x = res.norm(m.norm, "model.norm")
     head = slim.lm_head
     if head.weight.data_ptr() == m.embed_tokens.weight.data_ptr():  # tied: the embedding read transposed, not stored twice
         flat = b.op("Reshape", [x, b.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])

@@ -24,8 +24,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="ONNX model dtype")
     p.add_argument("--graph", default="auto", choices=["auto", "fused", "traced"],
                    help="fused: one node per fused onnxruntime operator (GroupQueryAttention, "
-                        "SkipSimplifiedLayerNormalization; llama/mistral/qwen2/qwen3/phi3-style models with head and rotary dimensions "
-                        "that are multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
+                        "SkipSimplifiedLayerNormalization; static models with head and rotary dimensions that are "
+                        "multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
                         "any model; auto (default): fused where it can express the model")
     p.add_argument("--weights", default="float", choices=["float", "int4"],
                    help="int4: the decoder layers' weights quantized for onnxruntime's MatMulNBits (blocks of "
