@@ -69,8 +69,13 @@ def test_compress_onnx_int4_writes_checks_and_records(tmp_path, capsys):
     tiny_model("llama", **WIDE["llama"]).save_pretrained(dense)
     AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(dense)
     out = tmp_path / "slim"
-    assert main(["export", "--model", str(dense), "--method", "magnitude", "--ratio", "0.3", "--out", str(out),
-                 "--calib-samples", "8", "--seq-len", "32", "--eval-windows", "2"]) == 0
+    args = ["export", "--model", str(dense), "--method", "magnitude", "--ratio", "0.3", "--calib-samples", "8",
+            "--seq-len", "32", "--eval-windows", "2"]
+    assert main([*args, "--out", str(out), "--onnx-weights", "int4"]) == 2  # refused before any work
+    assert "--onnx-weights needs --onnx" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--out", str(tmp_path / "both"), "--onnx", "--onnx-weights", "int4"]) == 0
+    assert (tmp_path / "both" / "onnx-int4" / "model.onnx").is_file()
+    assert main([*args, "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["onnx", str(out), "--weights", "int4"]) == 0
     printed = capsys.readouterr().out

@@ -60,6 +60,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "small probe of the batch; see the probe options")
     p.add_argument("--runtime-ratio", type=float, default=0.2, help="share skipped per batch by --runtime probe")
     p.add_argument("--onnx", action="store_true", help="also write ONNX (float32) with a KV cache and check parity")
+    p.add_argument("--onnx-weights", default="float", choices=["float", "int4"],
+                   help="with --onnx: int4 writes DIR/onnx-int4 instead, the decoder layers' weights quantized "
+                        "(see `compress onnx --help`)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
     add_scope_argument(p)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
     runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
                             heads=args.probe_heads) if args.runtime == "probe" else None
+    if args.onnx_weights != "float" and not args.onnx:
+        raise CompressError("--onnx-weights needs --onnx")
     out = args.out.resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 
-        export_folder_onnx(out)
+        export_folder_onnx(out, weights=args.onnx_weights)
     from validation.report import summary_lines
 
     for line in summary_lines(report):
