@@ -59,26 +59,31 @@ def quantize_weights(model_path: str | Path, weights: str, data_name: str, block
     save_fused(quantizer.model.model, path, data_name)
 
 
-def dequantized_weights(model_path: str | Path) -> dict[str, torch.Tensor]:
-    """{original weight name (as the fused graph named it): float32 [K, N]} for every MatMulNBits,
-    unpacked from the stored blocks: B [N, blocks, block_size * bits / 8] uint8 (low bits first),
-    one scale per column and block, zero points packed likewise (default 2^(bits-1))."""
+def _nbits_nodes(model_path: str | Path):
+    """(node, its attributes, {input name: array}) for every MatMulNBits of the graph."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(model_path))
     init = {t.name: t for t in model.graph.initializer}
-    out = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        if node.op_type == "MatMulNBits":
+            attrs = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            yield node, attrs, {n: numpy_helper.to_array(init[n]) for n in node.input[1:] if n}
+
+
+def dequantized_weights(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """{original weight name (as the fused graph named it): float32 [K, N]} for every MatMulNBits,
+    unpacked from the stored blocks: B [N, blocks, block_size * bits / 8] uint8 (low bits first),
+    one scale per column and block, zero points packed likewise (default 2^(bits-1))."""
+    out = {}
+    for node, a, arrays in _nbits_nodes(model_path):
         K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
         blocks = -(-K // block)
-        q = _unpack(numpy_helper.to_array(init[node.input[1]]).reshape(N, -1), bits)[:, :blocks * block]
-        scales = numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(N, blocks)
+        q = _unpack(arrays[node.input[1]].reshape(N, -1), bits)[:, :blocks * block]
+        scales = arrays[node.input[2]].astype(np.float32).reshape(N, blocks)
         if len(node.input) > 3 and node.input[3]:
-            zp = _unpack(numpy_helper.to_array(init[node.input[3]]).reshape(N, -1), bits)[:, :blocks]
+            zp = _unpack(arrays[node.input[3]].reshape(N, -1), bits)[:, :blocks]
         else:
             zp = np.full((N, blocks), 2 ** (bits - 1), np.float32)
         w = (q.reshape(N, blocks, block) - zp[:, :, None]) * scales[:, :, None]
@@ -121,15 +126,8 @@ def dequantized_reference(slim, model_path: str | Path) -> torch.nn.Module:
 def bytes_saved(model_path: str | Path) -> int:
     """Weight bytes a decode step no longer reads: each quantized MatMul's float weight, less its
     blocks, scales and zero points (for the benchmark's bytes-ideal speedup)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    init = {t.name: t for t in model.graph.initializer}
     saved = 0
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            elem = numpy_helper.to_array(init[node.input[2]]).itemsize  # scales are in the graph's float type
-            saved += a["K"] * a["N"] * elem - sum(numpy_helper.to_array(init[n]).nbytes for n in node.input[1:] if n)
+    for node, a, arrays in _nbits_nodes(model_path):
+        elem = arrays[node.input[2]].itemsize  # scales are in the graph's float type
+        saved += a["K"] * a["N"] * elem - sum(v.nbytes for v in arrays.values())
     return saved

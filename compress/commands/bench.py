@@ -170,7 +170,6 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
     import importlib.util
 
     from exporters.onnx_export import export_onnx
-    from exporters.onnx_fused import supported
     from exporters.onnx_quant import bytes_saved
     from exporters.onnx_runner import OnnxRunner, ort
     from validation.bench import genai_timer, onnx_timer
@@ -180,12 +179,15 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
     for graph in dict.fromkeys(graphs):
         for kind in dict.fromkeys(weights):
             for label, m in slims.items():
-                if kind != "float" and (graph == "traced" or supported(m)):
-                    print(f"{kind} skipped for {label}, {graph} graph: quantized weights need the fused graph")
-                    continue
                 out = tmp / graph / kind / label
-                path = export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype,
-                                   graph=graph, weights=kind)
+                try:
+                    path = export_onnx(m.float().cpu() if onnx_dtype == "float32" else m, out, dtype=onnx_dtype,
+                                       graph=graph, weights=kind)
+                except ValueError as e:  # quantized weights on a graph that cannot take them
+                    if kind == "float":
+                        raise
+                    print(f"{kind} skipped for {label}, {graph} graph: {e}")
+                    continue
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
                 saved = bytes_saved(path) if kind != "float" else 0

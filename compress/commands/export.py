@@ -68,10 +68,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="read the dense model one decoder layer at a time from its safetensors files, so "
                         "peak memory stays near one layer plus the embeddings (magnitude, wanda-sp and flap, "
-                        "from a local folder, a Hub id's safetensors or a GGUF file; the checks are then layer by layer; calibration "
-                        "activations go to a folder under $TMPDIR when they would take over a quarter of the "
-                        "memory); auto (default): when the model is too large for the whole-model checks; the "
-                        "output is the same either way")
+                        "from a local folder, a Hub id's safetensors or a GGUF file; the checks are then layer "
+                        "by layer; calibration activations go to a folder under $TMPDIR when they would take over "
+                        "a quarter of the memory); auto (default): when the model is too large for the "
+                        "whole-model checks; the output is the same either way")
     p.add_argument("--dry-run", action="store_true",
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "

@@ -1,8 +1,8 @@
 """Export a slim folder to ONNX (with per-layer KV cache inputs/outputs) and check parity.
 
 Writes DIR/onnx/ (float32) or DIR/onnx-float16/ (with int4 weights: DIR/onnx-int4/; model.onnx,
-its external data, onnx_config.json describing the cache; for a fused graph whose KV cache onnxruntime-genai can hold, also genai_config.json and the tokenizer) through
-a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
+its external data, onnx_config.json describing the cache; for a fused graph whose KV cache
+onnxruntime-genai can hold, also genai_config.json and the tokenizer) through a staging folder, runs the onnxruntime runner against the slim PyTorch model (prefill, each
 decode step, 32 greedy tokens) on CPU, and on CUDA when onnxruntime-gpu and a GPU are present,
 and records the results in the folder's report.json.
 """
@@ -60,6 +60,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
     from exporters.onnx_fused import GENAI_NAME
+    from exporters.onnx_quant import dequantized_reference
     from validation.parity import onnx_checks, raise_on_failure
 
     folder = Path(folder).resolve()
@@ -78,11 +79,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
             for name in TOKENIZER_FILES:
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, staging / name)
-        reference = slim
-        if weights != "float":
-            from exporters.onnx_quant import dequantized_reference
-
-            reference = dequantized_reference(slim, path)
+        reference = slim if weights == "float" else dequantized_reference(slim, path)
         checks = onnx_checks(reference, staging, dtype, ids)
         if weights != "float":
             for c in checks:

@@ -28,8 +28,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the checks as JSON here")
     add_scope_argument(p)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
-                   help="read the dense model one decoder layer at a time from its safetensors (a folder or "
-                        "a Hub id) or GGUF file; layer checks only); auto (default): when the whole-model checks would not fit in memory")
+                   help="read the dense model one decoder layer at a time from its safetensors (a folder or a "
+                        "Hub id) or GGUF file (layer checks only); auto (default): when the whole-model checks "
+                        "would not fit in memory")
 
 
 def load_export(folder: Path) -> tuple[dict, Plan, dict]:
