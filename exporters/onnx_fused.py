@@ -7,8 +7,9 @@ to fixed KV buffers in place (`onnx_runner.SharedCache`); per layer it uses:
 
 - `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel; `SkipLayerNormalization`
   for OPT's LayerNorm) wherever a sublayer writes the whole residual width; where it writes a
-  subset (DISP), the scatter-add of the traced graph (GatherElements + Add + ScatterElements,
-  indices constant) and `SimplifiedLayerNormalization` (`LayerNormalization`);
+  subset (DISP), one `ScatterElements` with reduction "add" (float16 graphs keep the
+  traced graph's GatherElements + Add + ScatterElements, which onnxruntime's CPU kernel needs) on
+  constant indices, and `SimplifiedLayerNormalization` (`LayerNormalization`);
 - one MatMul for q, k and v together (three where q and k are normed per head, Qwen3: each norm
   a `SimplifiedLayerNormalization` over the head dimension), `GroupQueryAttention` (rotary
   embedding, causal and padding mask, sliding window and the KV cache append inside; per-layer
@@ -132,8 +133,9 @@ class _Residual:
     """The residual stream with at most one full-width write not yet added: the next norm adds it
     in its own kernel (SkipSimplifiedLayerNormalization)."""
 
-    def __init__(self, b: _Builder, x: str, eps: float):
+    def __init__(self, b: _Builder, x: str, eps: float, rows_shape: list[str]):
         self.b, self.x, self.pending, self.eps = b, x, None, eps
+        self.rows_shape, self.rows = rows_shape, None
 
     def norm(self, module, name: str) -> str:
         """`module` (RMSNorm, or LayerNorm with its bias: OPT) applied to the stream, stored as `name`.*."""
@@ -167,9 +169,14 @@ class _Residual:
         if index is None:
             self.x = self.b.op("Add", [self.x, y])
             return
-        idx = self.b.op("Expand", [index, self.b.op("Shape", [y])])
-        total = self.b.op("Add", [self.b.op("GatherElements", [self.x, idx], axis=-1), y])
-        self.x = self.b.op("ScatterElements", [self.x, idx, total], axis=-1)
+        if self.rows is None:  # [batch, seq, 1], made once: a channel index expands to [batch, seq, width]
+            self.rows = self.b.op("Concat", self.rows_shape, axis=0)
+        idx = self.b.op("Expand", [index, self.rows])
+        if self.b.dtype == torch.float32:
+            self.x = self.b.op("ScatterElements", [self.x, idx, y], axis=-1, reduction="add")
+        else:  # onnxruntime's CPU kernel has no float16 "add" reduction: gather, add, scatter
+            total = self.b.op("Add", [self.b.op("GatherElements", [self.x, idx], axis=-1), y])
+            self.x = self.b.op("ScatterElements", [self.x, idx, total], axis=-1)
 
 
 def _scattered(bias: torch.Tensor, index: torch.Tensor | None, c) -> torch.Tensor:
@@ -223,7 +230,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
         x = b.op("Add", [x, b.op("Gather", [b.weight("model.embed_positions.weight", m.embed_positions.weight),
                                              shifted])])
 
-    res = _Residual(b, x, c.norm_eps)
+    res = _Residual(b, x, c.norm_eps, [batch, seq, one])
     for i, layer in enumerate(m.layers):
         pre = f"model.layers.{i}"
         idx = {k: None if getattr(layer, f"{k}_index") is None
