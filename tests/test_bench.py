@@ -50,13 +50,14 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     out = tmp_path / "slim"
     assert main(["export", "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--eval-windows", "0"]) == 0
     capsys.readouterr()
-    assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "--prompt", "16",
+    assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "uniform", "--prompt", "16",
                  "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--onnx-graph", "fused", "traced",
                  "--onnx-weights", "float", "int4"]) == 0
     printed = capsys.readouterr().out
     assert "read bandwidth" in printed and "1 threads" in printed
     for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
-                "| pytorch | random disp@0.5 |", "| onnxruntime (CPUExecutionProvider, fused graph) | random disp@0.5 |",
+                "| pytorch | random disp@0.5 |", "| pytorch | random uniform@0.5 |",
+                "| onnxruntime (CPUExecutionProvider, fused graph) | random disp@0.5 |",
                 "| onnxruntime (CPUExecutionProvider, traced graph) | dense |",
                 "| onnxruntime (CPUExecutionProvider, fused graph, int4 weights) | random disp@0.5 |"):
         assert row in printed, row
@@ -70,3 +71,8 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}
     assert speed["bandwidth"] > 1e8 and speed["batch"] == 1
     torch.set_num_threads(torch.get_num_threads())
+
+
+def test_random_plan_without_ratio_is_a_one_line_error(capsys):
+    assert main(["bench", "--random-plan", "disp", "--no-onnx", "--no-peer"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --random-plan draws plans at the --ratio values: give at least one"

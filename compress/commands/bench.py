@@ -6,9 +6,9 @@ KV head count) are also run by it, so graph and runtime can be told apart.
 
 Slim models come from exported folders (--slim; their report.json then records the figures,
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
-or are drawn at random in a method's shape (--ratio with --random-plan: uniform, adaptive,
-disp, disp-heads), which is what a random-weight --shape model wants (speed does not depend on the
-values). --shape llama2-7b builds a model of LLaMA-2-7B shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit
+or are drawn at random in one or more methods' shapes (--ratio with --random-plan: uniform,
+adaptive, disp, disp-heads; several side by side), which is what a random-weight --shape model
+wants (speed does not depend on the values). --shape llama2-7b builds a model of LLaMA-2-7B shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit
 smaller machines. Beside each measured decode speedup: the ideal one (from weight + KV-cache
 bytes read per token), and the share of the machine's measured read bandwidth that decode
 achieves (the roofline). Every engine runs at torch's thread count (--threads).
@@ -44,9 +44,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slim", type=Path, nargs="*", default=[], help="exported slim folders to compare")
     p.add_argument("--ratio", type=float, nargs="*", default=[], help="prune on the fly at these ratios")
     p.add_argument("--method", default="magnitude", help="method for --ratio")
-    p.add_argument("--random-plan", default=None, choices=list(PLAN_SHAPES),
-                   help="with --ratio: draw plans of this shape at random instead of running --method: "
-                        + "; ".join(f"{k}: {v}" for k, v in PLAN_SHAPES.items()))
+    p.add_argument("--random-plan", nargs="+", default=[], choices=list(PLAN_SHAPES),
+                   help="with --ratio: draw plans of these shapes at random instead of running --method, one "
+                        "row each: " + "; ".join(f"{k}: {v}" for k, v in PLAN_SHAPES.items()))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 on CPU")
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from compress.adapters import get_adapter
+    from compress.errors import CompressError
     from compress.loading import resolve_device, resolve_dtype
     from compress.pipeline import prune
     from compress.plan import Plan
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from compress.slimming import build_slim_model
     from validation.bench import format_table, measure, random_plan, read_bandwidth, torch_timer
 
+    if args.random_plan and not args.ratio:
+        raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -116,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
             calib = windows(token_stream(load_tokenizer(args.model), load_text(CALIB_TEXT)), 256, 32).to(device)
         if args.random_plan:
-            g = adapter.geometry()
-            slims[f"random {args.random_plan}@{ratio}"] = build_slim_model(dense, adapter, random_plan(g, args.random_plan, ratio))
+            for kind in dict.fromkeys(args.random_plan):
+                plan = random_plan(adapter.geometry(), kind, ratio)
+                slims[f"random {kind}@{ratio}"] = build_slim_model(dense, adapter, plan)
             continue
         result = prune(dense, args.method, ratio, calib)
         slims[f"{args.method}@{ratio}"] = build_serving_model(dense, adapter, result.plan, result.replaced, calib)
