@@ -9,7 +9,8 @@ to fixed KV buffers in place (`onnx_runner.SharedCache`); per layer it uses:
   for OPT's LayerNorm) wherever a sublayer writes the whole residual width; where it writes a
   subset (DISP), one `ScatterElements` with reduction "add" (float16 graphs keep the
   traced graph's GatherElements + Add + ScatterElements, which onnxruntime's CPU kernel needs) on
-  constant indices, and `SimplifiedLayerNormalization` (`LayerNormalization`);
+  constant int32 indices, and `SimplifiedLayerNormalization` (`LayerNormalization`); where it
+  reads a subset, `GatherElements` after the norm;
 - one MatMul for q, k and v together (three where q and k are normed per head, Qwen3: each norm
   a `SimplifiedLayerNormalization` over the head dimension), `GroupQueryAttention` (rotary
   embedding, causal and padding mask, sliding window and the KV cache append inside; per-layer
@@ -137,6 +138,18 @@ class _Residual:
         self.b, self.x, self.pending, self.eps = b, x, None, eps
         self.rows_shape, self.rows = rows_shape, None
 
+    def expand(self, index: str) -> str:
+        """A constant channel index [width] repeated for every position: [batch, seq, width], what
+        GatherElements and ScatterElements take."""
+        if self.rows is None:  # [batch, seq, 1], made once
+            self.rows = self.b.op("Concat", self.rows_shape, axis=0)
+        return self.b.op("Expand", [index, self.rows])
+
+    def read(self, y: str, index: str | None) -> str:
+        """Channels `index` of a normed stream `y`. GatherElements, not Gather: onnxruntime's Gather
+        on the last axis copies one element per call (13% of SmolLM2's DISP prefill)."""
+        return y if index is None else self.b.op("GatherElements", [y, self.expand(index)], axis=-1)
+
     def norm(self, module, name: str) -> str:
         """`module` (RMSNorm, or LayerNorm with its bias: OPT) applied to the stream, stored as `name`.*."""
         gamma = [self.b.weight(f"{name}.weight", module.weight)]
@@ -169,9 +182,7 @@ class _Residual:
         if index is None:
             self.x = self.b.op("Add", [self.x, y])
             return
-        if self.rows is None:  # [batch, seq, 1], made once: a channel index expands to [batch, seq, width]
-            self.rows = self.b.op("Concat", self.rows_shape, axis=0)
-        idx = self.b.op("Expand", [index, self.rows])
+        idx = self.expand(index)
         if self.b.dtype == torch.float32:
             self.x = self.b.op("ScatterElements", [self.x, idx, y], axis=-1, reduction="add")
         else:  # onnxruntime's CPU kernel has no float16 "add" reduction: gather, add, scatter
@@ -234,13 +245,11 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
     for i, layer in enumerate(m.layers):
         pre = f"model.layers.{i}"
         idx = {k: None if getattr(layer, f"{k}_index") is None
-               else b.const(f"{pre}.{k}_index", getattr(layer, f"{k}_index"))
+               else b.const(f"{pre}.{k}_index", getattr(layer, f"{k}_index").int())
                for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
         attn, mlp = layer.self_attn, layer.mlp
         groups = weight_groups(c, layer, pre)
-        a = res.norm(layer.input_layernorm, f"{pre}.input_layernorm")
-        if idx["attn_in"] is not None:
-            a = b.op("Gather", [a, idx["attn_in"]], axis=-1)
+        a = res.read(res.norm(layer.input_layernorm, f"{pre}.input_layernorm"), idx["attn_in"])
         y = None
         if attn.heads:
             if c.qk_norm:  # q and k normed per head before the rotary embedding GroupQueryAttention applies
@@ -261,9 +270,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
             res.add_constant(b.weight(f"{pre}.self_attn.out_bias", _scattered(attn.out_bias, layer.attn_out_index, c)))
         res.write(y, idx["attn_out"])
 
-        h = res.norm(layer.post_attention_layernorm, f"{pre}.post_attention_layernorm")
-        if idx["mlp_in"] is not None:
-            h = b.op("Gather", [h, idx["mlp_in"]], axis=-1)
+        h = res.read(res.norm(layer.post_attention_layernorm, f"{pre}.post_attention_layernorm"), idx["mlp_in"])
         y = None
         if mlp.width:
             if mlp.gated:  # two MatMuls: one fused would need a Split, which copies
