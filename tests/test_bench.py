@@ -76,3 +76,15 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
 def test_random_plan_without_ratio_is_a_one_line_error(capsys):
     assert main(["bench", "--random-plan", "disp", "--no-onnx", "--no-peer"]) == 2
     assert capsys.readouterr().err.strip() == "error: --random-plan draws plans at the --ratio values: give at least one"
+
+
+def test_table_puts_decode_over_the_peer_of_the_same_weights():
+    from validation.bench import Speed, format_table, peer_engine
+
+    rows = [Speed("ours", "dense", 100, 30, 1000), Speed("ours", "slim", 150, 45, 500),
+            Speed("ours, int4", "dense", 100, 60, 250), Speed(peer_engine(), "dense", 100, 50, 1000),
+            Speed(peer_engine("int4"), "dense", 100, 40, 250)]
+    lines = format_table(rows, bandwidth=1e6, batch=1).splitlines()
+    assert lines[0].endswith("| decode vs peer |") and lines[1].count("---") == 10
+    assert [line.split("|")[-2].strip() for line in lines[2:]] == ["0.60x", "0.90x", "1.50x", "1.00x", "1.00x"]
+    assert "vs peer" not in format_table(rows[:2], bandwidth=1e6, batch=1)  # no peer, no column

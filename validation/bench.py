@@ -22,7 +22,7 @@ from compress.slim.modeling_slim import CACHE_NAME
 
 __all__ = ["Speed", "Timer", "measure", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES",
            "torch_timer", "onnx_timer", "genai_timer",
-           "format_table"]
+           "format_table", "peer_engine"]
 
 # Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
 PLAN_SHAPES = {
@@ -239,21 +239,34 @@ def random_plan(g, shape: str, ratio: float, seed: int = 0):
     return build(hi)
 
 
+def peer_engine(precision: str = "fp32") -> str:
+    """The table's engine name of the peer built at `precision` (the model builder's: fp32, int4)."""
+    return "onnxruntime-genai (peer)" if precision == "fp32" else f"onnxruntime-genai (peer, {precision})"
+
+
 def format_table(rows: list[Speed], bandwidth: float, batch: int) -> str:
     """Markdown table; speedups are over the dense row of the same engine; roofline = bytes moved
-    per second in decode as a share of `bandwidth` (bytes/s)."""
+    per second in decode as a share of `bandwidth` (bytes/s). With a peer row, a last column puts
+    each decode speed over the peer's dense decode (int4 rows over the int4 peer where there is one)."""
     dense = {r.engine: r for r in rows if r.model == "dense"}
+    peers = {p: dense[peer_engine(p)] for p in ("fp32", "int4") if peer_engine(p) in dense}
     out = ["| engine | model | prefill tok/s | decode tok/s | prefill speedup | decode speedup | ideal decode "
            "speedup (bytes) | % of ideal | % of roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    if peers:
+        out = [out[0] + " decode vs peer |", out[1] + "---|"]
     for r in rows:
         roof = f"{100 * r.bytes_per_token * r.decode_tok_s / batch / bandwidth:.0f}%"
         d = dense.get(r.engine)
         if d is None or r is d:
-            out.append(f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | 1.00x | 1.00x "
-                       f"| 1.00x | - | {roof} |")
-            continue
-        pre, dec, ideal = r.prefill_tok_s / d.prefill_tok_s, r.decode_tok_s / d.decode_tok_s, \
-            d.bytes_per_token / r.bytes_per_token
-        out.append(f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | {pre:.2f}x | "
-                   f"{dec:.2f}x | {ideal:.2f}x | {100 * dec / ideal:.0f}% | {roof} |")
+            line = (f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | 1.00x | 1.00x "
+                    f"| 1.00x | - | {roof} |")
+        else:
+            pre, dec, ideal = r.prefill_tok_s / d.prefill_tok_s, r.decode_tok_s / d.decode_tok_s, \
+                d.bytes_per_token / r.bytes_per_token
+            line = (f"| {r.engine} | {r.model} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | {pre:.2f}x | "
+                    f"{dec:.2f}x | {ideal:.2f}x | {100 * dec / ideal:.0f}% | {roof} |")
+        if peers:
+            peer = peers.get("int4" if "int4" in r.engine else "fp32", peers.get("fp32"))
+            line += f" {r.decode_tok_s / peer.decode_tok_s:.2f}x |" if peer else " - |"
+        out.append(line)
     return "\n".join(out)

@@ -8,10 +8,11 @@ Slim models come from exported folders (--slim; their report.json then records t
 which `compress push` puts on the model card), are pruned on the fly (--ratio with --method),
 or are drawn at random in one or more methods' shapes (--ratio with --random-plan: uniform,
 adaptive, disp, disp-heads; several side by side), which is what a random-weight --shape model
-wants (speed does not depend on the values). --shape llama2-7b builds a model of LLaMA-2-7B shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit
-smaller machines. Beside each measured decode speedup: the ideal one (from weight + KV-cache
-bytes read per token), and the share of the machine's measured read bandwidth that decode
-achieves (the roofline). Every engine runs at torch's thread count (--threads).
+wants (speed does not depend on the values). --shape llama2-7b builds a model of LLaMA-2-7B
+shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit smaller machines. Beside each
+measured decode speedup: the ideal one (from weight + KV-cache bytes read per token), the share
+of the machine's measured read bandwidth that decode achieves (the roofline) and, with the peer,
+the decode speed over the peer's. Every engine runs at torch's thread count (--threads).
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
 
     from compress.loading import load_tokenizer
     from exporters.onnx_quant import BLOCK_SIZE, bytes_saved
-    from validation.bench import genai_timer
+    from validation.bench import genai_timer, peer_engine
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         print("peer skipped: onnxruntime-genai is not installed (pip install 'compress-llm[peer]')")
@@ -234,7 +235,7 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
         print(f"peer skipped: the model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return []
     _genai_threads(out)
-    engine = "onnxruntime-genai (peer)" if precision == "fp32" else f"onnxruntime-genai (peer, {precision})"
+    engine = peer_engine(precision)
     saved = 0 if precision == "fp32" else bytes_saved(out / "model.onnx")
     return [genai_timer(out, dense, engine, "dense", **shape, saved=saved)]
 
