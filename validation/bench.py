@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from compress.slim.modeling_slim import CACHE_NAME
@@ -114,13 +115,18 @@ SETTLE_S = 0.5
 def measure(timers: list[Timer], batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> list[Speed]:
     """Every timer once to warm up, then `repeats` rounds in which each runs once in turn (so a
     machine that speeds up or slows down mid-run shifts every engine alike); medians per engine."""
-    def settled(t: Timer) -> tuple[float, float]:
-        time.sleep(SETTLE_S)
-        return t.once()
+    with tqdm(total=(repeats + 1) * len(timers), desc="timing", unit="run", dynamic_ncols=True) as bar:
+        def run(t: Timer, settle: bool) -> tuple[float, float]:
+            bar.set_postfix_str(f"{t.engine}: {t.model}"[:60], refresh=False)
+            if settle:
+                time.sleep(SETTLE_S)
+            result = t.once()
+            bar.update()
+            return result
 
-    for t in timers:
-        t.once()
-    runs = [[settled(t) for t in timers] for _ in range(repeats)]
+        for t in timers:
+            run(t, settle=False)
+        runs = [[run(t, settle=True) for t in timers] for _ in range(repeats)]
     speeds = []
     for i, t in enumerate(timers):
         pre = statistics.median(r[i][0] for r in runs)
