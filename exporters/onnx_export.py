@@ -9,8 +9,9 @@ allocations and special cases in runtimes and I/O binding), which the JSON recor
 
 Exported with the dynamo exporter (`torch.export`), which keeps the past length symbolic; the
 deprecated TorchScript exporter is faster but its `index_add` symbolic mishandles dim=-1 (the
-graph fails in onnxruntime). `index_select` becomes `Gather`; `index_add` becomes `GatherElements` + `Add` +
-`ScatterElements` on the hidden axis, instead of torchlib's transpose + `ScatterND` + transpose.
+graph fails in onnxruntime). `index_select` becomes `Gather`, on the last axis `GatherElements`;
+`index_add` becomes `GatherElements` + `Add` + `ScatterElements` on the hidden axis, instead of
+torchlib's transpose + `ScatterND` + transpose.
 Weights always go to an external data file (`model.onnx.data`), whatever the model's size. A
 Probe Pruning model has a second graph, `prefill.onnx`; the step graph then reads the weights it
 shares with it from `prefill.onnx.data`, so no weight is stored twice.
@@ -151,6 +152,19 @@ def _index_add(self, dim: int, index, source, alpha: float = 1.0):
     return op.ScatterElements(self, idx, op.Add(op.GatherElements(self, idx, axis=axis), source), axis=axis)
 
 
+def _index_select(self, dim: int, index):
+    """aten.index_select on the last axis -> GatherElements with the index expanded to the output's
+    shape: onnxruntime's CPU Gather copies one element per call along the last axis (11% of a
+    DISP-shaped SmolLM2 prefill), GatherElements loops over elements in one call. Other axes
+    (whole rows) stay Gather."""
+    rank = len(self.shape)
+    axis = dim % rank
+    if axis != rank - 1:
+        return op.Gather(self, index, axis=axis)
+    shape = op.Concat(op.Shape(self, end=-1), op.Shape(index), axis=0)
+    return op.GatherElements(self, op.Expand(index, shape), axis=axis)
+
+
 def _names(wrapper: _Exportable, mode: str = "step") -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in wrapper.layers for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in wrapper.layers for kv in ("key", "value")]
@@ -219,7 +233,8 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
             program = torch.onnx.export(
                 wrapper.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                 input_names=inputs, output_names=outputs, verbose=False,
-                custom_translation_table={torch.ops.aten.index_add.default: _index_add},
+                custom_translation_table={torch.ops.aten.index_add.default: _index_add,
+                                          torch.ops.aten.index_select.default: _index_select},
             )
         program.save(out / (MODEL_NAME if mode == "step" else PREFILL_NAME), external_data=True)
     model.train(training)
