@@ -175,9 +175,9 @@ class OnnxRunner:
         if mask.shape[1] != cache.length + T:
             raise ValueError(f"attention_mask covers {mask.shape[1]} tokens; the cache has {cache.length} + {T} new")
         pos = positions(mask)[:, -T:] if position_ids is None else np.asarray(position_ids, dtype=np.int64)
+        logits_output = self.session.get_outputs()[0]
         if cache.binding is None:
             cache.binding = binding = self.session.io_binding()
-            binding.bind_output(self.session.get_outputs()[0].name, "cpu")  # first: get_outputs() keeps the order
             for past, present, buffer in zip(self.past_names, self.present_names, cache.buffers):
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
                 binding.bind_ortvalue_input(past, value)
@@ -185,10 +185,13 @@ class OnnxRunner:
         binding = cache.binding
         for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output(self.session.get_outputs()[0].name, "cpu")  # anew: the last step's has another shape
+        # The logits go straight into a new array: reading them back through binding.get_outputs()
+        # wraps every KV output too, a quarter of a millisecond per step for 30 layers.
+        logits = np.empty((ids.shape[0], T, logits_output.shape[-1]), dtype=self.dtype)
+        binding.bind_ortvalue_output(logits_output.name, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         cache.length += T
-        return binding.get_outputs()[0].numpy()
+        return logits
 
     def _run_bound(self, session, feeds: dict, carried: list):
         """CUDA: KV tensors (and chosen indices) stay on the device; only logits are copied back."""
@@ -231,7 +234,7 @@ class OnnxRunner:
             nxt = _pick(logits[:, -1], do_sample, temperature, top_k, top_p, rng)
             nxt = np.where(done, pad, nxt)
             new.append(nxt)
-            done |= np.isin(nxt, eos)
+            done |= (nxt[:, None] == eos).any(-1)  # not np.isin: 10x its cost on a few ids
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)

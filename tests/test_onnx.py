@@ -170,6 +170,12 @@ def test_dense_keep_all_export_equals_hf_model(tmp_path, graph):
     assert np.abs(logits - want).max() <= TOL_FP32
     tokens = model.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
     np.testing.assert_array_equal(runner.generate(ids, max_new_tokens=8, eos_token_id=None).ids, tokens.numpy())
+    # EOS: the first row's third new token ends it; the row is padded after it, as transformers does.
+    eos = int(tokens[0, ids.shape[1] + 2])
+    pad = runner.config.get("pad_token_id")
+    pad = eos if pad is None else pad
+    stopped = model.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
+    np.testing.assert_array_equal(runner.generate(ids, max_new_tokens=8, eos_token_id=eos).ids, stopped.numpy())
     assert (tmp_path / GENAI_NAME).is_file() == (graph == "fused")
     if graph == "fused" and importlib.util.find_spec("onnxruntime_genai"):  # CI installs the [peer] extra
         import onnxruntime_genai as og
