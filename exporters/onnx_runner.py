@@ -113,8 +113,9 @@ class OnnxRunner:
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
         self.kv_heads = [i.shape[1] for i in past]  # static per layer, may differ
         self.head_dim = past[0].shape[3] if past else self.config.get("head_dim", 0)
-        logits_type = self.session.get_outputs()[0].type
-        self.dtype = _NP_DTYPES[past[0].type if past else logits_type]
+        logits = self.session.get_outputs()[0]
+        self.logits_name, self.vocab_size = logits.name, logits.shape[-1]
+        self.dtype = _NP_DTYPES[past[0].type if past else logits.type]
         self.dtype_name = np.dtype(self.dtype).name
         self.tokenizer = _load_tokenizer(tokenizer)
 
@@ -175,7 +176,6 @@ class OnnxRunner:
         if mask.shape[1] != cache.length + T:
             raise ValueError(f"attention_mask covers {mask.shape[1]} tokens; the cache has {cache.length} + {T} new")
         pos = positions(mask)[:, -T:] if position_ids is None else np.asarray(position_ids, dtype=np.int64)
-        logits_output = self.session.get_outputs()[0]
         if cache.binding is None:
             cache.binding = binding = self.session.io_binding()
             for past, present, buffer in zip(self.past_names, self.present_names, cache.buffers):
@@ -187,8 +187,8 @@ class OnnxRunner:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         # The logits go straight into a new array: reading them back through binding.get_outputs()
         # wraps every KV output too, a quarter of a millisecond per step for 30 layers.
-        logits = np.empty((ids.shape[0], T, logits_output.shape[-1]), dtype=self.dtype)
-        binding.bind_ortvalue_output(logits_output.name, ort.OrtValue.ortvalue_from_numpy(logits))
+        logits = np.empty((ids.shape[0], T, self.vocab_size), dtype=self.dtype)
+        binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         cache.length += T
         return logits
