@@ -15,7 +15,7 @@ __all__ = ["main"]
 COMMANDS = {
     "export": ("compress.commands.export", "prune a model and write a slim safetensors folder (and ONNX)"),
     "validate": ("compress.commands.validate", "re-run the parity checks of an exported folder"),
-    "eval": ("validation.eval_command", "perplexity, KL divergence and top-1 agreement of a model"),
+    "eval": ("compress.commands.eval", "perplexity, KL divergence and top-1 agreement of a model"),
     "onnx": ("compress.commands.onnx", "export an existing slim folder to ONNX and check parity"),
     "bench": ("compress.commands.bench", "prefill/decode speed, dense vs slim, PyTorch vs onnxruntime"),
     "push": ("compress.commands.push", "push an exported folder to the Hugging Face Hub"),

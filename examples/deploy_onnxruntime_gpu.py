@@ -9,7 +9,7 @@ installed (KV cache kept on the GPU), CPU otherwise. Needs numpy, onnxruntime an
 import argparse
 from pathlib import Path
 
-from exporters.onnx_runner import OnnxRunner, default_providers
+from compress.runtime.onnx_runner import OnnxRunner, default_providers
 
 
 def main() -> None:

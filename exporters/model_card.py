@@ -158,7 +158,7 @@ def _speed(report: dict) -> str:
     speed = report.get("speed")
     if not speed:
         return ""
-    from validation.bench import Speed, format_table
+    from compress.speed import Speed, format_table
 
     table = format_table([Speed(**row) for row in speed["rows"]], speed["bandwidth"], speed["batch"])
     return f"## Speed\n\n{speed['setup']}\n\n{table}"
@@ -205,7 +205,7 @@ commit you have read. Works with transformers 4.57 and 5.x. The tokenizer needs 
 ```python
 # pip install 'compress-llm[cpu]'   (or 'compress-llm[gpu]' for onnxruntime-gpu; never both)
 from huggingface_hub import snapshot_download
-from exporters.onnx_runner import OnnxRunner
+from compress.runtime.onnx_runner import OnnxRunner
 
 path = snapshot_download("{repo}"{rev}, allow_patterns=["{d}/*", "tokenizer*"])
 runner = OnnxRunner(f"{{path}}/{d}", tokenizer=path)  # CUDA provider when onnxruntime-gpu has it, else CPU

@@ -37,7 +37,7 @@ def quantize_weights(model_path: str | Path, weights: str, data_name: str, block
     import onnx
 
     from exporters.onnx_fused import save_fused
-    from exporters.onnx_runner import ort  # noqa: F401  (without onnxruntime: a one-line error naming the extra)
+    from compress.onnxruntime_import import ort  # noqa: F401  (without onnxruntime: a one-line error naming the extra)
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

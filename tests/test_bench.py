@@ -14,7 +14,8 @@ from compress.cli import main
 from compress.loading import load_model
 from compress.plan import Plan
 from compress.slimming import build_slim_model
-from validation.bench import PLAN_SHAPES, bytes_per_token, random_plan
+from compress.random_plan import PLAN_SHAPES, random_plan
+from compress.speed import bytes_per_token
 
 
 @pytest.mark.parametrize("shape", sorted(PLAN_SHAPES))
@@ -79,7 +80,7 @@ def test_random_plan_without_ratio_is_a_one_line_error(capsys):
 
 
 def test_table_puts_decode_over_the_peer_of_the_same_weights():
-    from validation.bench import Speed, format_table, peer_engine
+    from compress.speed import Speed, format_table, peer_engine
 
     rows = [Speed("ours", "dense", 100, 30, 1000), Speed("ours", "slim", 150, 45, 500),
             Speed("ours, int4", "dense", 100, 60, 250), Speed(peer_engine(), "dense", 100, 50, 1000),

@@ -258,7 +258,7 @@ def test_push_uploads_the_exact_bytes_and_a_card_and_leaves_the_folder_unchanged
                  "weight bytes (float32)", "| layers | heads | kv heads | mlp hidden |",
                  f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)',
                  f'AutoTokenizer.from_pretrained("{REPO}", trust_remote_code=False)',
-                 "from exporters.onnx_runner import OnnxRunner", 'runner = OnnxRunner(f"{path}/onnx", tokenizer=path)']:
+                 "from compress.runtime.onnx_runner import OnnxRunner", 'runner = OnnxRunner(f"{path}/onnx", tokenizer=path)']:
         assert text in card, text
     printed = capfd.readouterr()
     assert f"pushed {out} to {online.url}/{REPO}/commit/" in printed.out

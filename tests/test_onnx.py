@@ -25,7 +25,7 @@ from compress.slim.modeling_slim import CACHE_NAME
 from compress.slimming import build_slim_model
 from exporters.onnx_export import CONFIG_NAME, DATA_NAME, export_onnx
 from exporters.onnx_fused import GENAI_NAME, supported
-from exporters.onnx_runner import OnnxRunner
+from compress.runtime.onnx_runner import OnnxRunner
 from tiny import TINY_CONFIGS, VOCAB, tiny_model
 from validation.parity import compare_onnx
 

@@ -18,7 +18,7 @@ from compress.slimming import build_slim_model
 from exporters.onnx_export import CONFIG_NAME, export_onnx
 from exporters.onnx_fused import weight_groups
 from exporters.onnx_quant import dequantized_reference
-from exporters.onnx_runner import OnnxRunner
+from compress.runtime.onnx_runner import OnnxRunner
 from test_onnx import TOL_FP16, TOL_FP32, WIDE, prompts, pruning_plan
 from tiny import tiny_model
 from validation.parity import compare_onnx

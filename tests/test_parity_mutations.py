@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from compress import prune  # before validation.parity, which the package imports
+from compress import prune
 from compress.adapters import get_adapter
 from compress.loading import load_model, load_tokenizer
 from compress.reference import CALIB_TEXT

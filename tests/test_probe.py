@@ -142,7 +142,7 @@ def test_cli_export_load_generate_validate_onnx(tmp_path, capsys):
     assert cache.probe_selection  # the decode steps ran on the prefill's choice
     assert main(["validate", str(out)]) == 0
     assert main(["onnx", str(out)]) == 0  # its own checks: same indices, logits, 32 greedy tokens
-    from exporters.onnx_runner import OnnxRunner
+    from compress.runtime.onnx_runner import OnnxRunner
 
     data = {f.name: f.stat().st_size for f in (out / "onnx").glob("*.onnx.data")}
     assert sum(data.values()) < 1.05 * data["prefill.onnx.data"]  # the step graph shares the prefill's weights

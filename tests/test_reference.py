@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from compress import corpus
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT
 from compress.textdata import load_text, token_stream
-from validation import eval_command
+from compress.commands import eval as eval_command
 from validation.quality import perplexity
 
 SEQ = 256

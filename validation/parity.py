@@ -386,7 +386,7 @@ choice, which onnxruntime's prefill must repeat index for index): onnxruntime ma
     by about that much. Greedy tokens must be identical in float32 and are reported in float16.
     On CUDA, TF32 is turned off in onnxruntime, as it is in PyTorch by default: like with like.
     """
-    from exporters.onnx_runner import OnnxRunner, default_providers
+    from compress.runtime.onnx_runner import OnnxRunner, default_providers
 
     checks = []
     for provider in default_providers():

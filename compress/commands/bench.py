@@ -37,7 +37,7 @@ SHAPES = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from validation.bench import PLAN_SHAPES
+    from compress.random_plan import PLAN_SHAPES
 
     p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of this shape instead")
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from compress.plan import Plan
     from compress.probe import build_serving_model
     from compress.slimming import build_slim_model
-    from validation.bench import format_table, measure, random_plan, read_bandwidth, torch_timer
+    from compress.random_plan import random_plan
+    from compress.speed import format_table, measure, read_bandwidth, torch_timer
 
     if args.random_plan and not args.ratio:
         raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
@@ -176,8 +177,8 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
 
     from exporters.onnx_export import export_onnx
     from exporters.onnx_quant import bytes_saved
-    from exporters.onnx_runner import OnnxRunner, ort
-    from validation.bench import genai_timer, onnx_timer
+    from compress.runtime.onnx_runner import OnnxRunner, ort
+    from compress.speed import genai_timer, onnx_timer
 
     timers, genai = [], []
     onnx_dtype = "float16" if dtype == torch.float16 else "float32"
@@ -213,7 +214,7 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
 
     from compress.loading import load_tokenizer
     from exporters.onnx_quant import BLOCK_SIZE, bytes_saved
-    from validation.bench import genai_timer, peer_engine
+    from compress.speed import genai_timer, peer_engine
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         print("peer skipped: onnxruntime-genai is not installed (pip install 'compress-llm[peer]')")

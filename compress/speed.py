@@ -21,18 +21,8 @@ from transformers import DynamicCache
 
 from compress.slim.modeling_slim import CACHE_NAME
 
-__all__ = ["Speed", "Timer", "measure", "bytes_per_token", "read_bandwidth", "random_plan", "PLAN_SHAPES",
-           "torch_timer", "onnx_timer", "genai_timer",
+__all__ = ["Speed", "Timer", "measure", "bytes_per_token", "read_bandwidth", "torch_timer", "onnx_timer", "genai_timer",
            "format_table", "peer_engine"]
-
-# Shapes of plans drawn at random for speed (values do not matter, widths and indexing do).
-PLAN_SHAPES = {
-    "uniform": "the same query heads per KV group and MLP channels in every layer (magnitude, wanda-sp)",
-    "adaptive": "query heads per KV group and MLP channels that differ from layer to layer (flap, tyr)",
-    "disp": "every sublayer reads and writes its own residual subset, MLP channels pruned (DISP)",
-    "disp-heads": "disp plus whole KV groups removed (DISP --prune-heads)",
-}
-
 
 @dataclass
 class Speed:
@@ -205,44 +195,6 @@ def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, 
         return t1 - t0, time.perf_counter() - t1
 
     return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2) - saved, once)
-
-
-def random_plan(g, shape: str, ratio: float, seed: int = 0):
-    """A plan of `shape` (see PLAN_SHAPES) removing `ratio` of the linear weights, indices drawn at random."""
-    import random
-
-    from compress.plan import LayerPlan, Plan
-
-    # per-layer scale of the kept fraction: 1 everywhere, or drawn once for the adaptive shape
-    draw = random.Random(seed + 1)
-    scales = [draw.uniform(0.5, 1.5) if shape == "adaptive" else 1.0 for _ in range(g.num_layers)]
-
-    def build(f: float) -> Plan:
-        rng = random.Random(seed)
-        layers = []
-        for scale in scales:
-            kept = min(1.0, f * scale)
-
-            def pick(n: int) -> list[int]:
-                return sorted(rng.sample(range(n), max(1, round(kept * n))))
-
-            lp = LayerPlan(mlp_hidden=pick(g.intermediate))
-            if shape in ("uniform", "adaptive"):
-                per = max(1, round(kept * g.group_size))
-                lp.heads = [k * g.group_size + h for k in range(g.num_kv_heads) for h in range(per)]
-            else:
-                lp.attn_in, lp.attn_out, lp.mlp_in, lp.mlp_out = (pick(g.hidden) for _ in range(4))
-                if shape == "disp-heads":
-                    lp.kv_heads = pick(g.num_kv_heads)
-                    lp.heads = [k * g.group_size + h for k in lp.kv_heads for h in range(g.group_size)]
-            layers.append(lp)
-        return Plan(layers=layers)
-
-    lo, hi = 0.0, 1.0  # the kept fraction per structure, by bisection on the achieved ratio
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if build(mid).ratio(g) < ratio else (mid, hi)
-    return build(hi)
 
 
 def peer_engine(precision: str = "fp32") -> str:

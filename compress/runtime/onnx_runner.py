@@ -22,28 +22,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 
-def _distribution_installed(name: str) -> bool:
-    try:
-        metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-if _distribution_installed("onnxruntime") and _distribution_installed("onnxruntime-gpu"):
-    raise ImportError("onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files: "
-                      "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'compress-llm[gpu]' (or [cpu])")
-try:
-    import onnxruntime as ort
-except ModuleNotFoundError:
-    raise ImportError("onnxruntime is not installed: pip install 'compress-llm[cpu]' "
-                      "(or 'compress-llm[gpu]' for onnxruntime-gpu)") from None
+from compress.onnxruntime_import import ort
 
 __all__ = ["OnnxRunner", "Generation", "SharedCache", "default_providers"]
 
