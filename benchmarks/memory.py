@@ -3,8 +3,8 @@
 Writes a random-weight checkpoint of a real model's shape (bfloat16 safetensors; the values do
 not matter for memory), then runs `compress export` on it once per method in a child process
 and reads that child's peak resident set size from the kernel (wait4). A method that the
-machine cannot hold is reported as killed, not hidden. Writes its section of
-benchmarks/RESULTS.md and prints it.
+machine cannot hold is reported as killed, not hidden. Prints the table and writes the run's JSON
+record (`--json`; by default benchmarks/results/SECTION.json, then RESULTS.md is rendered again).
 
     python benchmarks/memory.py --shape llama3.2-1b
     python benchmarks/memory.py --shape llama2-7b --methods flap flap:load-dtype=bfloat16 disp:steps=2
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from benchmarks.quality import RESULTS, invocation, publish  # noqa: E402
+from benchmarks.quality import record_options, save  # noqa: E402
 from compress.commands.bench import SHAPES  # noqa: E402
+from validation.record import Run, table  # noqa: E402
 
 
 def write_checkpoint(shape: str, layers: int | None, folder: Path, dtype: torch.dtype) -> None:
@@ -65,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spill-share", type=float, default=None,
                     help="run the export with compress.memory.SPILL_SHARE set to this (0: streamed calibration "
                          "activations always go to disk), to measure what spilling saves")
-    ap.add_argument("--section", default=None, help="RESULTS.md section (default: memory-SHAPE)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--section", default=None, help="name of the record and its RESULTS.md section (default: "
+                                                    "memory-SHAPE)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is written (default: a temp dir)")
+    record_options(ap)
     args = ap.parse_args(argv)
+    run = Run(args.section or f"memory-{args.shape}", [__file__, *(sys.argv[1:] if argv is None else argv)],
+              args.note)
 
     work = Path(tempfile.mkdtemp(prefix="compress-memory-", dir=args.workdir))
     rows = []
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = "killed (out of memory)"
             else:
                 outcome = f"failed: {log.read_text().strip().splitlines()[-1][:120]}"
-            rows.append(f"| {method} | {size / 1e9:.2f} | {peak / 1e9:.2f} | {peak / size:.2f} | {seconds:.0f} | {outcome} |")
+            rows.append(dict(method=method, checkpoint_gb=size / 1e9, peak_gb=peak / 1e9, peak_over_checkpoint=peak / size,
+                             seconds=seconds, outcome=outcome))
             print(rows[-1], flush=True)
             shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -111,25 +116,18 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = SHAPES[args.shape]
     layers = args.layers or shape["num_hidden_layers"]
-    publish(args.results, args.section or f"memory-{args.shape}", [
-        f"## Peak memory of `compress export`: {args.shape} shape",
-        "",
-        f"Random-weight Llama ({layers} layers, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
-        f"vocab {shape['vocab_size']}) saved in {args.dtype}; `compress export --ratio {args.ratio} --dtype "
-        f"{args.dtype} --calib-samples {args.calib_samples} --parity-scope {args.parity_scope} --eval-windows 0`"
-        f"{'' if args.spill_share is None else f' with SPILL_SHARE = {args.spill_share}'}; "
-        f"peak resident memory of the export process (kernel's maxrss); machine: {os.cpu_count()} cores, "
-        f"{_total_memory() / 2**30:.0f} GiB. Produced by {invocation('memory.py', argv)}.",
-        "",
-        "| method | checkpoint GB | peak GB | peak / checkpoint | seconds | outcome |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ])
+    columns = [("method", "method"), ("checkpoint_gb", "checkpoint GB", ".2f"), ("peak_gb", "peak GB", ".2f"),
+               ("peak_over_checkpoint", "peak / checkpoint", ".2f"), ("seconds", "seconds", ".0f"),
+               ("outcome", "outcome")]
+    save(run, args, f"Peak memory of `compress export`: {args.shape} shape"
+                    f"{'' if args.layers is None else f' cut to {layers} layers'}",
+         f"Random-weight Llama ({layers} layers, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
+         f"vocab {shape['vocab_size']}) saved in {args.dtype}; `compress export --ratio {args.ratio} --dtype "
+         f"{args.dtype} --calib-samples {args.calib_samples} --parity-scope {args.parity_scope} --eval-windows 0`"
+         f"{'' if args.spill_share is None else f' with SPILL_SHARE = {args.spill_share}'} and each method's "
+         "options; peak resident memory of the export process (the kernel's maxrss, read with wait4).",
+         [table(columns, rows)])
     return 0
-
-
-def _total_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 if __name__ == "__main__":

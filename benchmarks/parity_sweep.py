@@ -2,8 +2,8 @@
 
 For each method and ratio: prune, run the export's parity checks (equivalence, 32-token greedy
 generation, identity; CPU float64), then build the slim model from the same plan with one kept MLP
-channel moved to a pruned neighbour and check that equivalence fails. Writes its section of
-benchmarks/RESULTS.md and prints it.
+channel moved to a pruned neighbour and check that equivalence fails. Prints the table and writes
+the run's JSON record (`--json`; by default benchmarks/results/SECTION.json, then RESULTS.md).
 
     python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section parity-smollm2
 """
@@ -25,8 +25,9 @@ from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
-from quality import RESULTS, invocation, parse_variant, publish  # noqa: E402
+from quality import parse_variant, record_options, save  # noqa: E402
 from validation import parity  # noqa: E402
+from validation.record import Run, table  # noqa: E402
 
 
 def one_index_off(plan, g):
@@ -46,12 +47,13 @@ def one_index_off(plan, g):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL_DIR, help="folder or GGUF file")
-    ap.add_argument("--section", default="parity", help="name of the RESULTS.md section to (re)write")
+    ap.add_argument("--section", default="parity-reference", help="name of the record and its RESULTS.md section")
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda-sp", "flap"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--calib-windows", type=int, default=64)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    record_options(ap)
     args = ap.parse_args(argv)
+    run = Run(args.section, [__file__, *(sys.argv[1:] if argv is None else argv)], args.note)
 
     model, tok = load_model(args.model), load_tokenizer(args.model)
     adapter = get_adapter(model.config)
@@ -69,25 +71,21 @@ def main(argv: list[str] | None = None) -> int:
                                                       slim_plan=one_index_off(result.plan, g))
                          if c.name == "equivalence")
             by = {c.name: c for c in checks}
-            rows.append(f"| {spec} | {ratio:g} | {by['equivalence'].max_abs_diff:.1e} | {by['identity'].max_abs_diff:.1e} "
-                        f"| {'yes' if by['generation'].passed else 'NO'} | {'pass' if all(c.passed for c in checks) else 'FAIL'} "
-                        f"| {wrong.max_abs_diff:.1e} ({'caught' if not wrong.passed else 'MISSED'}) "
-                        f"| {time.perf_counter() - t0:.0f} |")
+            rows.append(dict(method=spec, ratio=ratio, equivalence=by["equivalence"].max_abs_diff,
+                             identity=by["identity"].max_abs_diff, tokens_identical=by["generation"].passed,
+                             checks="pass" if all(c.passed for c in checks) else "FAIL", wrong=wrong.max_abs_diff,
+                             caught="caught" if not wrong.passed else "MISSED", seconds=time.perf_counter() - t0))
             print(rows[-1], flush=True)
-    publish(args.results, args.section, [
-        f"## Parity sweep on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
-        "",
-        f"{g.num_layers} layers, hidden {g.hidden}. Every method and ratio: the export's checks on CPU in float64 "
-        f"(tolerance {parity.TOLERANCES['float64']:.0e}; generation = 32 greedy tokens of slim == masked dense), then "
-        "the slim model built from the same plan with one kept MLP channel (of the last layer that prunes some) "
-        "moved to a pruned neighbour, which "
-        "equivalence must fail. Calibration "
-        f"{len(calib)} x 256 tokens. Produced by {invocation('parity_sweep.py', argv)}.",
-        "",
-        "| method | ratio | equivalence max diff | identity max diff | 32 tokens identical | checks | one index off: max diff | s |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+    columns = [("method", "method"), ("ratio", "ratio", "g"), ("equivalence", "equivalence max diff", ".1e"),
+               ("identity", "identity max diff", ".1e"), ("tokens_identical", "32 tokens identical"),
+               ("checks", "checks"), ("wrong", "one index off: max diff", ".1e"), ("caught", "one index off"),
+               ("seconds", "s", ".0f")]
+    save(run, args, f"Parity sweep on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
+         f"{g.num_layers} layers, hidden {g.hidden}. Every method and ratio: the export's checks on CPU in float64 "
+         f"(tolerance {parity.TOLERANCES['float64']:.0e}; generation = 32 greedy tokens of slim == masked dense), then "
+         "the slim model built from the same plan with one kept MLP channel (of the last layer that prunes some) "
+         f"moved to a pruned neighbour, which equivalence must fail. Calibration {len(calib)} x 256 tokens.",
+         [table(columns, rows)])
     return 0
 
 

@@ -2,15 +2,15 @@
 
 For each method (and each `--methods` variant such as `flap:allocation=uniform`) and ratio:
 prune with the calibration slice, build the slim model, and measure perplexity, KL(dense ||
-slim) and top-1 agreement with the dense model on the held-out test slice. Writes its
-section of benchmarks/RESULTS.md (between its markers, the rest of the file untouched) and
-prints it.
+slim) and top-1 agreement with the dense model on the held-out test slice. Prints the table and
+writes the run's JSON record (`--json`, by default benchmarks/results/SECTION.json, after which
+benchmarks/RESULTS.md is rendered again from every record there).
 
     python benchmarks/quality.py                       # all registered methods
     python benchmarks/quality.py --methods magnitude wanda-sp flap flap:standardize=type
     python benchmarks/quality.py --methods probe flap flap:runtime=0.2   # Probe Pruning alone / on top of FLAP
                                                    # (flap is pruned once; the runtime variant reuses its plan)
-    python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section smollm2 \
+    python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section quality-smollm2 \
         --calib-windows 64 --test-windows 64 --methods magnitude wanda-sp flap disp:steps=400,batch_size=2
     python benchmarks/quality.py --methods disp --ratios 0.5 --snapshots 100 200 400   # DISP's steps curve
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_results
 from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.methods.base import PruneResult  # noqa: E402
@@ -35,8 +35,9 @@ from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
 from compress.probe import build_serving_model, probe_flops_share, probe_runtime, runtime_ratio  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from validation.quality import compare, perplexity  # noqa: E402
+from validation.record import Run, table  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def load_methods() -> dict:
@@ -63,35 +64,35 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, settings
 
 
-def invocation(script: str, argv: list[str] | None) -> str:
-    """The command line that produced a section, for its text."""
-    return f"`python benchmarks/{script}{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`"
+def record_options(ap: argparse.ArgumentParser) -> None:
+    """--json and --note, as every benchmark script takes them."""
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the run's record here (default: benchmarks/results/SECTION.json, and "
+                         "benchmarks/RESULTS.md is then rendered again)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a sentence the record keeps about this run (e.g. that the machine was shared)")
 
 
-def publish(path: Path, name: str, lines: list[str]) -> None:
-    """Write the section `name` of the results file and print it."""
-    section = "\n".join(lines)
-    replace_section(path, section, name)
-    print("\n" + section)
+def save(run: Run, args: argparse.Namespace, title: str, text: str, tables: list[dict], **kw) -> dict:
+    """Print the tables, write the run's record to --json (or results/SECTION.json) and, when the
+    record landed in benchmarks/results/, render RESULTS.md again."""
+    import render_results
 
-
-def replace_section(path: Path, section: str, name: str) -> None:
-    """Replace the text between this section's markers (appended the first time)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    path = args.json or RESULTS_DIR / f"{run.section}.json"
+    rec = run.write(path, title, text, tables, **kw)
+    print("\n" + "\n".join(render_results.render_section(rec)))
+    if path.resolve().parent == RESULTS_DIR:
+        render_results.main([])
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL_DIR,
                     help="folder or GGUF file (default: the shipped reference model)")
-    ap.add_argument("--section", default="quality", help="name of the RESULTS.md section to (re)write")
+    ap.add_argument("--section", default=None,
+                    help="name of the record and its RESULTS.md section (default: quality-reference, or "
+                         "quality-MODEL for --model)")
     ap.add_argument("--methods", nargs="+", help="method names or name:key=value,... variants (default: all)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--calib-windows", type=int, default=None, help="default: all of the calibration slice")
@@ -100,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--snapshots", nargs="+", type=int, default=[],
                     help="DISP: also score the plan at these training steps (what --steps N gives, from one run)")
+    record_options(ap)
     args = ap.parse_args(argv)
+    reference = args.model == MODEL_DIR
+    run = Run(args.section or ("quality-reference" if reference else f"quality-{args.model.stem}"),
+              [__file__, *(sys.argv[1:] if argv is None else argv)], args.note)
 
     methods = load_methods()
     variants = [parse_variant(s) for s in (args.methods or sorted(methods))]
@@ -122,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                    max_windows=args.test_windows, progress=False)
     dense = perplexity(model, test_ids, **eval_kw)
 
-    rows = [f"| dense | 0 | 0.000 | {dense.perplexity:.2f} | 0 | 1.000 | - | |"]
+    rows = [dict(method="dense", ratio=0, removed=0.0, perplexity=dense.perplexity, kl=0.0, top1=1.0, widths="")]
 
-    def score(label: str, ratio: float, res: PruneResult, seconds: float | str, runtime: float | None) -> None:
+    def score(label: str, ratio: float, res: PruneResult, seconds: float | None, runtime: float | None) -> None:
         if runtime is not None:
             res = PruneResult(copy.deepcopy(res.plan), res.replaced)
             res.plan.runtime = probe_runtime(runtime)
@@ -137,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{100 * probe_flops_share(slim.config, args.batch_size, args.seq_len):.1f}% of the FLOPs; kept: "
                     + " ".join(f"{h}/{m}" for h, m in zip(slim.config.layer_probe_heads,
                                                           slim.config.layer_probe_intermediate)))
-        seconds = seconds if isinstance(seconds, str) else f"{seconds:.1f}"
-        rows.append(f"| {label} | {ratio:g} | {res.plan.ratio(g):.3f} | {q.perplexity:.2f} | {q.kl:.3f} "
-                    f"| {q.top1_agreement:.3f} | {seconds} | {note} |")
+        rows.append(dict(method=label, ratio=ratio, removed=res.plan.ratio(g), perplexity=q.perplexity, kl=q.kl,
+                         top1=q.top1_agreement, prune_s=seconds, widths=note))
         print(rows[-1], flush=True)
 
     pruned = {}  # (method, settings, ratio) -> (result, seconds): a variant that only adds `runtime` reuses it
@@ -158,32 +161,28 @@ def main(argv: list[str] | None = None) -> int:
                     res = method.prune(model, adapter, ratio, calib if cls.needs_calibration else None, args.seed)
                     pruned[key] = res, time.perf_counter() - t0
                     for step, plan in sorted(getattr(method, "snapshots", {}).items()):
-                        score(f"{label} (at step {step})", ratio, PruneResult(plan), "-", runtime)
+                        score(f"{label} (at step {step})", ratio, PruneResult(plan), None, runtime)
                 res, seconds = pruned[key]
                 score(label, ratio, res, seconds, runtime)
             except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' rows
-                rows.append(f"| {label} | {ratio:g} | - | - | - | - | - | failed: {type(e).__name__}: {e} |")
+                rows.append(dict(method=label, ratio=ratio, widths=f"failed: {type(e).__name__}: {e}"))
                 print(rows[-1], file=sys.stderr)
 
-    publish(args.results, args.section, [
-        f"## Quality on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
-        "",
-        f"Model: {'the shipped reference' if args.model == MODEL_DIR else args.model} ({model.config.model_type}, "
-        f"{g.num_layers} layers, hidden {g.hidden}, {g.num_heads} heads / {g.num_kv_heads} KV, "
-        f"MLP {g.intermediate}); calibration {len(calib)} x {args.seq_len} tokens; test slice "
-        f"{dense.windows} windows x {args.seq_len} ({dense.tokens:,} scored tokens); device {args.device} "
-        f"({torch.get_num_threads()} threads), "
-        f"float32, seed {args.seed}. Ratio = fraction of decoder-layer linear weights removed (requested / "
-        "achieved). KL = mean KL(dense || pruned) per token, nats; top-1 = argmax agreement with the dense "
-        "model. Widths = kept heads / MLP channels per layer (for Probe Pruning, `probe`, and `runtime=R`, "
-        "Probe Pruning on top of a method: the share of the slim model's linear weights skipped per batch and "
-        f"the counts kept per batch of {args.batch_size} windows). Produced by "
-        f"{invocation('quality.py', argv)}.",
-        "",
-        "| method | ratio | removed | perplexity | KL | top-1 | prune s | widths |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+    columns = [("method", "method"), ("ratio", "ratio", "g"), ("removed", "removed", ".3f"),
+               ("perplexity", "perplexity", ".2f"), ("kl", "KL", ".3f"), ("top1", "top-1", ".3f"),
+               ("prune_s", "prune s", ".1f"), ("widths", "widths")]
+    save(run, args, f"Quality on {'the reference model' if reference else args.model.name}",
+         f"Model: {'the shipped reference' if reference else args.model.name} ({model.config.model_type}, "
+         f"{g.num_layers} layers, hidden {g.hidden}, {g.num_heads} heads / {g.num_kv_heads} KV, "
+         f"MLP {g.intermediate}); calibration {len(calib)} x {args.seq_len} tokens; test slice "
+         f"{dense.windows} windows x {args.seq_len} ({dense.tokens:,} scored tokens); device {args.device} "
+         f"({torch.get_num_threads()} threads), float32, seed {args.seed}. Ratio = fraction of decoder-layer "
+         "linear weights removed (requested / achieved). KL = mean KL(dense || pruned) per token, nats; top-1 = "
+         "argmax agreement with the dense model; prune s = the method's wall time. Widths = kept heads / MLP "
+         "channels per layer (for Probe Pruning, `probe`, and `runtime=R`, Probe Pruning on top of a method: "
+         "the share of the slim model's linear weights skipped per batch and the counts kept per batch of "
+         f"{args.batch_size} windows).",
+         [table(columns, rows)], device=args.device if args.device != "cpu" else None)
     return 0
 
 

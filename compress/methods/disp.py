@@ -19,19 +19,18 @@ Departures from the reference code, each for a reason:
 - gradient checkpointing wraps each decoder layer in `torch.utils.checkpoint` (CUDA only)
   instead of `gradient_checkpointing_enable()`, which needs train mode and with it dropout.
 
-Default steps: as many batches of 4 x 256 tokens (lr 1e-3) as fit a compute budget of about
-one hour of the device, so the default adapts to the model's size: training costs about
-6 x P x tokens FLOPs (forward and backward through the frozen model; P = decoder linear weights
-plus the LM head). The budget is 6e14 FLOPs on CPU (an hour on two 2026 server cores at about
-170 GFLOP/s) and 1e18 on CUDA (the paper's 10,000 steps of 2,048 tokens on a 7B model is
-8.6e17), with at most 2,000 steps on CPU and 10,000 on CUDA. That gives 2,000 steps on the
-shipped reference model (about 8 minutes on two cores) and 726 on SmolLM2-135M (44 minutes; at
-ratio 0.5 perplexity 16.06 against a dense 13.68, where 100 / 200 / 400 steps give 26.43 / 19.42 /
-17.27).
-`--steps N` overrides it. Fewer steps leave masks undecided and cost quality: on the reference
-model at ratio 0.5 (dense 76.89, FLAP 82.52), 600 steps gave 84.56 and 2,000 gave 81.54.
-On a CPU shared with other jobs, OMP_NUM_THREADS=1 can be several times faster than two threads
-contending for one core.
+Default steps (`default_steps`, `BUDGETS`): as many batches of 4 x 256 tokens (lr 1e-3) as fit a
+compute budget, capped. Training costs about 6 x P x tokens FLOPs (forward and backward through
+the frozen model; P = decoder linear weights plus the LM head); the budget is 6e14 FLOPs on CPU
+and 1e18 on CUDA, with at most 2,000 steps on CPU and 10,000 on CUDA. The caps bind first on
+small models: on CPU below about 49M parameters (6e14 / (6 x 2,000 x 1,024 tokens)), so the
+shipped reference model trains 2,000 steps and SmolLM2-135M 726; on CUDA below about 16B
+(1e18 / (6 x 10,000 x 1,024)), so a 7B model trains 10,000 steps of 1,024 tokens, 10.2M tokens:
+half of the paper's 20.5M (10,000 steps of 2,048 tokens on LLaMA-2-7B, 8.6e17 FLOPs). The CUDA
+default is therefore not the paper's budget below 16B; `--steps N` (and `--batch-size`,
+`--seq-len`) set it. The export prints the choice. Fewer steps leave masks undecided and cost
+quality (benchmarks/RESULTS.md has the measurements). On a CPU shared with other jobs, set
+OMP_NUM_THREADS=1: two torch threads contending for one free core slow training down.
 """
 
 from __future__ import annotations
