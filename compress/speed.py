@@ -1,10 +1,11 @@
 """Speed, measured side by side in one run: dense vs slim, PyTorch vs onnxruntime.
 
-Decode is memory-bound: each new token reads every weight once plus the KV cache so far, so
-the ideal decode speedup of slim over dense is the ratio of those bytes. We print it beside
-the measured speedup to show how much of the possible gain the runtime delivers, and the
-bytes actually moved per second as a share of the machine's measured read bandwidth (the
-roofline: no engine can decode faster than bandwidth / bytes per step).
+Decode is memory-bound: each new token reads every weight once (of an embedding table, only its
+row) plus the KV cache so far (`bytes_per_token`), so the ideal decode speedup of slim over dense
+is the ratio of those bytes. We print it beside the measured speedup to show how much of the
+possible gain the runtime delivers, and the bytes actually moved per second as a share of the
+machine's measured read bandwidth (the roofline: no engine can decode faster than bandwidth /
+bytes per step).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,18 +35,47 @@ class Speed:
     bytes_per_token: int
 
 
-def bytes_per_token(model, batch: int, context: int) -> int:
-    """Weight bytes (read once per step, shared by the batch) plus KV-cache bytes read per step.
+def bytes_per_token(model, batch: int, context: int, graph: str | Path | None = None) -> int:
+    """Bytes one decode step reads: each of `batch` sequences adds a token with `context` tokens cached.
 
-    Works for slim models (per-layer KV heads, Probe Pruning) and stock transformers models alike.
+    Every weight is read whole once per step (shared by the batch): the decoder layers' weights,
+    norms and biases, the LM head. Embedding tables are the exception: a step reads one row per
+    sequence (a table tied to the LM head is read whole as the head, and counted once). A Probe
+    Pruning model skips the rows and columns its probe left out. Plus the KV cache so far.
+    `graph`: an ONNX graph whose MatMulNBits read quantized weights (their packed blocks, scales and
+    zero points) instead of the float ones. Works for slim models (per-layer KV heads, Probe
+    Pruning) and stock transformers models alike.
     """
     c = model.config
     elem = next(model.parameters()).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - _probe_skipped(model) * elem
-    kv_heads = getattr(c, "layer_kv_heads", None) or [c.num_key_value_heads] * c.num_hidden_layers
+    weights = _weight_bytes(model, batch) - _probe_skipped(model) * elem
+    if graph is not None:
+        from exporters.onnx_quant import bytes_saved
+
+        weights -= bytes_saved(graph)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT: no grouped KV heads
+    kv_heads = getattr(c, "layer_kv_heads", None) or [heads] * c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = sum(2 * n * head_dim * context * elem * batch for n in kv_heads)
     return weights + kv
+
+
+def _weight_bytes(model, batch: int) -> int:
+    """Parameter bytes a decode step reads: all, each once, except embedding tables (token and
+    learned position embeddings) not tied to the LM head, of which it reads `batch` rows."""
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    seen, total = set(), 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, torch.nn.Embedding) and id(p) not in head_params:
+                total += batch * p.shape[-1] * p.element_size()
+            else:
+                total += p.numel() * p.element_size()
+    return total
 
 
 def _probe_skipped(model) -> int:
@@ -162,22 +193,22 @@ def torch_timer(model, name: str, batch: int, prompt: int, new_tokens: int) -> T
                  lambda: _split(prefill, decode, device))
 
 
-def onnx_timer(runner, slim, name: str, batch: int, prompt: int, new_tokens: int, saved: int = 0) -> Timer:
-    """`saved`: weight bytes the graph reads less than the PyTorch model (quantized weights)."""
+def onnx_timer(runner, slim, name: str, batch: int, prompt: int, new_tokens: int, graph: Path | None = None) -> Timer:
+    """`graph`: the runner's ONNX file where its weights are quantized (its bytes are then counted)."""
     ids, cpu = _prompt(slim, batch, prompt), torch.device("cpu")
     weights = runner.config.get("weights", "float")
     quantized = "" if weights == "float" else f", {weights['type']} weights"
     return Timer(f"onnxruntime ({runner.provider}, {runner.config.get('graph', 'traced')} graph{quantized})", name,
-                 bytes_per_token(slim, batch, prompt + new_tokens // 2) - saved,
+                 bytes_per_token(slim, batch, prompt + new_tokens // 2, graph),
                  lambda: _split(lambda: runner.generate(ids, max_new_tokens=1),
                                 lambda: runner.generate(ids, max_new_tokens=new_tokens + 1), cpu))
 
 
 def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, new_tokens: int,
-                saved: int = 0) -> Timer:
+                graph: Path | None = None) -> Timer:
     """An onnxruntime-genai model folder (the peer's model-builder graph of the dense model, or one of
     our fused graphs with its genai_config.json): prefill = appending the prompt, decode =
-    `new_tokens` calls of generate_next_token."""
+    `new_tokens` calls of generate_next_token. `graph`: its ONNX file where its weights are quantized."""
     import onnxruntime_genai as og
 
     genai = og.Model(str(folder))
@@ -194,7 +225,7 @@ def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, 
             generator.generate_next_token()
         return t1 - t0, time.perf_counter() - t1
 
-    return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2) - saved, once)
+    return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2, graph), once)
 
 
 def peer_engine(precision: str = "fp32") -> str:

@@ -11,11 +11,11 @@ from transformers import LlamaConfig
 
 from compress.adapters import get_adapter
 from compress.cli import main
-from compress.loading import load_model
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 from compress.random_plan import PLAN_SHAPES, random_plan
 from compress.speed import bytes_per_token
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("shape", sorted(PLAN_SHAPES))
@@ -36,15 +36,76 @@ def test_random_plans_have_their_shape_and_ratio(shape, ratio):
         assert len({len(lp.mlp_hidden) for lp in layers}) == g.num_layers  # every layer its own width
 
 
-def test_bytes_per_token_of_stock_model_equals_keep_all_slim():
-    """Two independent models of the same weights: the stock one and our keep-all slim one."""
-    model = load_model()
+# What a decode step reads, written out from the config numbers of tests/tiny.py (float32: 4 bytes).
+B, CTX = 2, 100  # sequences, cached tokens
+
+
+def test_bytes_per_token_of_an_untied_model_reads_one_embedding_row_per_sequence():
+    model = tiny_model("llama")  # vocab 4096, hidden 64, 3 layers, 8 heads of 8, 2 KV heads, MLP 96, untied
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, c.tie_word_embeddings) == (4096, 64, 3, 8, 2, 96, False)
+    layer = (64 * 64          # q_proj: 8 heads x 8
+             + 2 * 64 * 16    # k_proj, v_proj: 2 KV heads x 8
+             + 64 * 64        # o_proj
+             + 3 * 64 * 96    # gate, up, down
+             + 2 * 64)        # two RMSNorms
+    weights = B * 64 + 3 * layer + 64 + 4096 * 64  # an embedding row per sequence, layers, final norm, LM head
+    kv = 3 * 2 * 16 * CTX * B  # layers x (K and V) x (2 heads x 8) x tokens x sequences
+    assert bytes_per_token(model, B, CTX) == 4 * (weights + kv)
     adapter = get_adapter(model.config)
     keep_all = build_slim_model(model, adapter, Plan.keep_all(adapter.geometry()))
-    assert bytes_per_token(model, 2, 100) == bytes_per_token(keep_all, 2, 100)
-    g = adapter.geometry()
-    weights = sum(p.numel() * 4 for p in model.parameters())
-    assert bytes_per_token(model, 2, 100) == weights + 2 * 2 * g.num_kv_heads * g.head_dim * 100 * 4 * g.num_layers
+    assert bytes_per_token(keep_all, B, CTX) == 4 * (weights + kv)  # our slim model, the same weights
+
+
+def test_bytes_per_token_of_a_tied_model_reads_the_table_once_as_the_lm_head():
+    model = tiny_model("qwen2")  # as llama above, tied, with q/k/v biases
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.tie_word_embeddings) == \
+        (4096, 64, 3, 2, True)
+    layer = 64 * 64 + 2 * 64 * 16 + 64 * 64 + 3 * 64 * 96 + 2 * 64 + (64 + 2 * 16)  # + q, k, v biases
+    weights = 3 * layer + 64 + 4096 * 64  # the table whole, once (as the LM head), no separate row
+    kv = 3 * 2 * 16 * CTX * B
+    assert bytes_per_token(model, B, CTX) == 4 * (weights + kv)
+    adapter = get_adapter(model.config)
+    keep_all = build_slim_model(model, adapter, Plan.keep_all(adapter.geometry()))
+    assert bytes_per_token(keep_all, B, CTX) == 4 * (weights + kv)
+
+
+def test_bytes_per_token_of_learned_positions_reads_one_row_per_sequence():
+    model = tiny_model("opt")  # vocab 4096, hidden 64, 3 layers, 8 heads of 8, MLP 96, tied, learned positions
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.ffn_dim,
+            c.word_embed_proj_dim, c.tie_word_embeddings) == (4096, 64, 3, 8, 96, 64, True)
+    layer = (4 * (64 * 64 + 64)  # q, k, v, o with biases
+             + 64 * 96 + 96 + 96 * 64 + 64  # fc1, fc2 with biases
+             + 2 * 2 * 64)  # two LayerNorms, weight and bias
+    weights = 4096 * 64 + B * 64 + 3 * layer + 2 * 64  # tied table, a position row per sequence, final LayerNorm
+    kv = 3 * 2 * 64 * CTX * B  # no grouped KV heads: 8 x 8
+    assert bytes_per_token(model, B, CTX) == 4 * (weights + kv)
+
+
+def test_bytes_per_token_of_an_int4_graph_counts_its_blocks_scales_and_zero_points(tmp_path):
+    """The fused graph of an untied llama as above with its layers' MatMuls as int4 MatMulNBits:
+    per K x N weight, ceil(K / 32) blocks per column, each 16 bytes of nibbles, a float32 scale
+    and a 4-bit zero point (a column's zero points packed two to a byte)."""
+    pytest.importorskip("onnxruntime")
+    from exporters.onnx_export import export_onnx
+
+    model = tiny_model("llama", num_attention_heads=4, head_dim=16)  # the fused graph's head size: 4 heads of 16
+    adapter = get_adapter(model.config)
+    slim = build_slim_model(model, adapter, Plan.keep_all(adapter.geometry()))
+    path = export_onnx(slim, tmp_path, graph="fused", weights="int4")
+
+    def int4(k, n):
+        blocks = -(-k // 32)
+        return n * (blocks * 16 + blocks * 4 + -(-blocks // 2))
+
+    # qkv packed (64 -> 64 + 2 x 16 + 2 x 16), o, gate and up (two MatMuls), down (96 -> 64)
+    layer = int4(64, 128) + int4(64, 64) + 2 * int4(64, 96) + int4(96, 64) + 4 * 2 * 64  # + norms, float32
+    weights = 4 * (B * 64 + 64 + 4096 * 64) + 3 * layer  # embedding rows, final norm, LM head stay float32
+    kv = 4 * 3 * 2 * 32 * CTX * B
+    assert bytes_per_token(slim, B, CTX, graph=path) == weights + kv
 
 
 def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):

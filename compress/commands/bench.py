@@ -10,9 +10,10 @@ or are drawn at random in one or more methods' shapes (--ratio with --random-pla
 adaptive, disp, disp-heads; several side by side), which is what a random-weight --shape model
 wants (speed does not depend on the values). --shape llama2-7b builds a model of LLaMA-2-7B
 shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit smaller machines. Beside each
-measured decode speedup: the ideal one (from weight + KV-cache bytes read per token), the share
-of the machine's measured read bandwidth that decode achieves (the roofline) and, with the peer,
-the decode speed over the peer's. Every engine runs at torch's thread count (--threads).
+measured decode speedup: the ideal one (from the bytes a decode step reads: every weight, one
+embedding row per sequence, the KV cache; quantized weights as stored), the share of the
+machine's measured read bandwidth that decode achieves (the roofline) and, with the peer, the
+decode speed over the peer's. Every engine runs at torch's thread count (--threads).
 """
 
 from __future__ import annotations
@@ -176,7 +177,6 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
     import importlib.util
 
     from exporters.onnx_export import export_onnx
-    from exporters.onnx_quant import bytes_saved
     from compress.runtime.onnx_runner import OnnxRunner, ort
     from compress.speed import genai_timer, onnx_timer
 
@@ -196,12 +196,13 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
                     continue
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = torch.get_num_threads()  # as every other engine
-                saved = bytes_saved(path) if kind != "float" else 0
-                timers.append(onnx_timer(OnnxRunner(out, session_options=options), m, label, **shape, saved=saved))
+                quantized = path if kind != "float" else None  # bytes_per_token counts its int4 weights
+                timers.append(onnx_timer(OnnxRunner(out, session_options=options), m, label, **shape,
+                                         graph=quantized))
                 if (out / GENAI_NAME).is_file() and importlib.util.find_spec("onnxruntime_genai") is not None:
                     _genai_threads(out)
                     engine = "onnxruntime-genai (ours, fused graph" + ("" if kind == "float" else f", {kind}") + ")"
-                    genai.append(genai_timer(out, m, engine, label, **shape, saved=saved))
+                    genai.append(genai_timer(out, m, engine, label, **shape, graph=quantized))
     return timers + genai
 
 
@@ -213,7 +214,7 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
     import sys
 
     from compress.loading import load_tokenizer
-    from exporters.onnx_quant import BLOCK_SIZE, bytes_saved
+    from exporters.onnx_quant import BLOCK_SIZE
     from compress.speed import genai_timer, peer_engine
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -237,8 +238,8 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
         return []
     _genai_threads(out)
     engine = peer_engine(precision)
-    saved = 0 if precision == "fp32" else bytes_saved(out / "model.onnx")
-    return [genai_timer(out, dense, engine, "dense", **shape, saved=saved)]
+    graph = None if precision == "fp32" else out / "model.onnx"
+    return [genai_timer(out, dense, engine, "dense", **shape, graph=graph)]
 
 
 def _genai_threads(folder: Path) -> None:
