@@ -71,6 +71,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
                         "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")
     p.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the table as a benchmark record (command line, date, machine, library versions; "
+                        "its file name is its section), e.g. benchmarks/results/speed.json")
 
 
 def _dense(args, device, dtype):
@@ -100,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from compress.slimming import build_slim_model
     from compress.random_plan import random_plan
     from compress.speed import format_table, measure, read_bandwidth, torch_timer
+    from validation.record import Run
+
+    record = Run(args.json.stem) if args.json else None  # started now: its wall time is the run's
 
     if args.random_plan and not args.ratio:
         raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
@@ -151,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(f"\n{title}\n\n{table}\n")
+    if record is not None:
+        from dataclasses import asdict
+
+        record.write(args.json, f"Speed: {name}", title + ".", [{"markdown": table}],
+                     device=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                     data={"rows": [asdict(r) for r in rows], "bandwidth": bandwidth, "batch": args.batch})
     for folder in args.slim:
         _record(folder, title, [r for r in rows if r.model in ("dense", "stock transformers", folder.name)],
                 bandwidth, args.batch)
