@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from compress import corpus
+from compress.errors import CompressError
 from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT
 from compress.textdata import load_text, token_stream
 from compress.commands import eval as eval_command
@@ -76,7 +77,7 @@ def test_eval_command(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["windows"] == 3 and res["mode"] == "fixed"
     assert abs(res["kl"]) < 1e-6 and res["top1_agreement"] == 1.0
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CompressError, match="no such model folder"):
         eval_command.run(parser.parse_args(["--model", str(tmp_path / "nope")]))
 
 

@@ -2,8 +2,15 @@
 
 Defaults evaluate the shipped reference model on the shipped held-out test slice with fixed,
 non-overlapping 256-token windows. Give --stride for sliding windows (more context per token,
-lower perplexity; the mode is printed with every figure). Models load with trust_remote_code,
-so slim folders written by `compress export` evaluate the same way as dense HF models.
+lower perplexity; the mode is printed with every figure). --model and --reference take a folder,
+a Hub id or a GGUF file, as `compress export` does.
+
+A model's own code (a config.json whose auto_map names modeling files of its folder or Hub
+repository) is run only with --trust-remote-code, with one exception: folders written by
+`compress export` of this version, recognised by their plan.json and report.json beside a
+config.json whose auto_map names only the slim model and that model's files (modeling_slim.py and
+the rest) byte for byte as this package ships them, so the code run is ours. Anything else (an
+older export, a slim model on the Hub, a folder with other code) needs --trust-remote-code.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import CompressError
 from compress.reference import MODEL_DIR, TEST_TEXT
 from compress.textdata import load_text, token_stream
 
@@ -22,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="model folder, Hub id or GGUF file to evaluate")
-    parser.add_argument("--reference", type=Path, default=None, metavar="DENSE",
+    parser.add_argument("--model", type=str, default=MODEL_DIR, help="model folder, Hub id or GGUF file to evaluate")
+    parser.add_argument("--reference", type=str, default=None, metavar="DENSE",
                         help="dense model (folder, Hub id or GGUF file) to compare against (KL, top-1 agreement)")
     parser.add_argument("--text", type=Path, default=TEST_TEXT, metavar="FILE", help="UTF-8 text to score")
     parser.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
@@ -35,32 +43,72 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=None,
                         help="use exactly this many windows from the start of the text; all when not given")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
-    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=True,
-                        help="allow the custom modeling code of slim folders")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model code a folder or Hub repository ships (its config's auto_map). Without "
+                             "it, only folders `compress export` wrote are trusted: plan.json and report.json "
+                             "beside this package's own slim model files (modeling_slim.py, ...), byte for byte")
 
 
-def _tokenizer_source(*models: Path | None) -> Path:
-    """The first model that carries a tokenizer (a slim folder may rely on its dense parent's)."""
+def _tokenizer_source(*models: str | Path | None) -> str | Path:
+    """The first model that carries a tokenizer (a slim folder may rely on its dense parent's): a
+    GGUF file, a folder with tokenizer files, or a name that is no local path (a Hub id, whose
+    tokenizer `load_tokenizer` fetches or reads from the cache, or fails to in one line)."""
     for m in models:
-        if m is not None and (m.suffix.lower() == ".gguf" or any(
-                (m / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
+        if m is None:
+            continue
+        path = Path(m)
+        if path.suffix.lower() == ".gguf" or not path.exists() or any(
+                (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return m
-    raise FileNotFoundError(f"no tokenizer in {', '.join(str(m) for m in models if m is not None)}")
+    raise CompressError(f"no tokenizer in {', '.join(str(m) for m in models if m is not None)}")
+
+
+def exported_by_us(model: str | Path) -> bool:
+    """Whether `model` is a folder `compress export` of this version wrote, whose model code is
+    therefore ours: plan.json and report.json, a config.json whose auto_map is exactly the slim
+    model's, and every file of compress/slim that exports copy (modeling_slim.py, ...) byte for byte."""
+    from compress.slim import AUTO_MAP, SOURCE_FILES
+
+    folder = Path(model)
+    if not all((folder / name).is_file() for name in ("plan.json", "report.json", "config.json")):
+        return False
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return auto_map == AUTO_MAP and all(
+        (folder / src.name).is_file() and (folder / src.name).read_bytes() == src.read_bytes() for src in SOURCE_FILES)
+
+
+def _trusted(model: str | Path, asked: bool) -> bool:
+    """Whether `model`'s own code may run (asked, or it is ours); its config is read now, so a bad
+    --model or --reference fails in one line before any weights load."""
+    from compress.loading import load_config
+
+    trusted = asked or exported_by_us(model)
+    try:
+        load_config(model, trust_remote_code=trusted)
+    except CompressError as e:
+        if trusted or not any(k in str(e) for k in ("custom code", "trust_remote_code")):
+            raise
+        raise CompressError(f"{e} Its code is run only with --trust-remote-code.") from None
+    return trusted
 
 
 def run(args: argparse.Namespace) -> int:
     from compress.loading import load_model, load_tokenizer
     from validation.quality import compare, perplexity
 
+    trust = {m: _trusted(m, args.trust_remote_code) for m in (args.model, args.reference) if m is not None}
     text = load_text(args.text)
     ids = token_stream(load_tokenizer(_tokenizer_source(args.model, args.reference)), text)
-    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, device=args.device, trust_remote_code=trust[args.model])
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, stride=args.stride,
               max_windows=args.max_windows)
     if args.reference is None:
         res = perplexity(model, ids, **kw)
     else:
-        reference = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
+        reference = load_model(args.reference, device=args.device, trust_remote_code=trust[args.reference])
         res = compare(model, reference, ids, **kw)
     mode = f"{res.mode} {res.seq_len}-token windows" + (f", stride {res.stride}" if res.stride else "")
     print(f"model:      {args.model}")
