@@ -24,8 +24,8 @@ def release_large_blocks(threshold: int = 1 << 20) -> bool:
     """Have glibc serve blocks of `threshold` bytes and more with their own memory maps, so a freed
     tensor goes back to the system at once. By default glibc raises that threshold as large
     blocks are freed and then serves them from its heap, which it rarely shrinks: reading a model
-    one layer at a time then leaves every layer's worth of freed memory resident (measured on a
-    Llama-3.2-1B shape: peak 3.9 GB instead of 2.8 GB). False where the C library is not glibc."""
+    one layer at a time then leaves every layer's worth of freed memory resident. False where the
+    C library is not glibc."""
     import ctypes
     import ctypes.util
 
