@@ -19,18 +19,18 @@ Departures from the reference code, each for a reason:
 - gradient checkpointing wraps each decoder layer in `torch.utils.checkpoint` (CUDA only)
   instead of `gradient_checkpointing_enable()`, which needs train mode and with it dropout.
 
-Default steps (`default_steps`, `BUDGETS`): as many batches of 4 x 256 tokens (lr 1e-3) as fit a
-compute budget, capped. Training costs about 6 x P x tokens FLOPs (forward and backward through
-the frozen model; P = decoder linear weights plus the LM head); the budget is 6e14 FLOPs on CPU
-and 1e18 on CUDA, with at most 2,000 steps on CPU and 10,000 on CUDA. The caps bind first on
-small models: on CPU below about 49M parameters (6e14 / (6 x 2,000 x 1,024 tokens)), so the
-shipped reference model trains 2,000 steps and SmolLM2-135M 726; on CUDA below about 16B
-(1e18 / (6 x 10,000 x 1,024)), so a 7B model trains 10,000 steps of 1,024 tokens, 10.2M tokens:
-half of the paper's 20.5M (10,000 steps of 2,048 tokens on LLaMA-2-7B, 8.6e17 FLOPs). The CUDA
-default is therefore not the paper's budget below 16B; `--steps N` (and `--batch-size`,
-`--seq-len`) set it. The export prints the choice. Fewer steps leave masks undecided and cost
-quality (benchmarks/RESULTS.md has the measurements). On a CPU shared with other jobs, set
-OMP_NUM_THREADS=1: two torch threads contending for one free core slow training down.
+Default steps: as many batches of 4 x 256 tokens (lr 1e-3) as fit a compute budget, capped.
+Training costs about 6 x P x tokens FLOPs (forward and backward through the frozen model; P =
+decoder linear weights plus the LM head); the budget is 6e14 FLOPs on CPU and 1e18 on CUDA, with
+at most 2,000 steps on CPU and 10,000 on CUDA. The caps bind first on small models: on CPU below
+about 49M parameters (6e14 / (6 x 2,000 x 1,024 tokens)), so the shipped reference model trains
+2,000 steps and SmolLM2-135M 726; on CUDA below about 16B (1e18 / (6 x 10,000 x 1,024)), so a 7B
+model trains 10,000 steps of 1,024 tokens, 10.2M tokens: half of the paper's 20.5M (10,000 steps
+of 2,048 tokens on LLaMA-2-7B, 8.6e17 FLOPs). The CUDA default is therefore not the paper's budget
+below 16B; `--steps N` (and `--batch-size`, `--seq-len`) set it, and the export prints the choice.
+Fewer steps leave masks undecided and cost quality (benchmarks/RESULTS.md has the measurements).
+On a CPU shared with other jobs, set OMP_NUM_THREADS=1: two torch threads contending for one free
+core slow training down.
 """
 
 from __future__ import annotations
