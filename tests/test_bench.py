@@ -114,7 +114,8 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "--slim", str(out), "--ratio", "0.5", "--random-plan", "disp", "uniform", "--prompt", "16",
                  "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--onnx-graph", "fused", "traced",
-                 "--onnx-weights", "float", "int4"]) == 0
+                 "--onnx-weights", "float", "int4", "--json", str(tmp_path / "speed-test.json"),
+                 "--note", "shared with nothing"]) == 0
     printed = capsys.readouterr().out
     assert "read bandwidth" in printed and "1 threads" in printed
     for row in ("| pytorch | stock transformers |", "| pytorch | dense |", "| pytorch | slim |",
@@ -129,6 +130,12 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     assert ("| onnxruntime-genai (ours, fused graph) | random disp@0.5 |" in printed) == peer
     assert ("| onnxruntime-genai (peer, int4) | dense |" in printed) == peer
     assert ("peer skipped: onnxruntime-genai is not installed" in printed) == (not peer)
+    record = json.loads((tmp_path / "speed-test.json").read_text())  # the table as printed, and its raw rows
+    assert record["section"] == "speed-test" and record["notes"] == ["shared with nothing"]
+    assert record["tables"][0]["markdown"] in printed and "| pytorch | random disp@0.5 |" in record["tables"][0]["markdown"]
+    assert {"python", "torch", "transformers", "onnxruntime", "onnxruntime-genai"} <= record["versions"].keys()
+    assert record["machine"]["cores"] and record["machine"]["cpu"] and record["machine"]["memory_gib"]
+    assert {r["model"] for r in record["data"]["rows"]} >= {"stock transformers", "dense", "slim", "random disp@0.5"}
     speed = json.loads((out / "report.json").read_text())["speed"]
     assert {r["model"] for r in speed["rows"]} == {"stock transformers", "dense", "slim"}
     assert speed["bandwidth"] > 1e8 and speed["batch"] == 1

@@ -74,6 +74,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None,
                    help="write the table as a benchmark record (command line, date, machine, library versions; "
                         "its file name is its section), e.g. benchmarks/results/speed.json")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="with --json: a note kept in the record (e.g. what else ran on the machine); repeatable")
 
 
 def _dense(args, device, dtype):
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from compress.speed import format_table, measure, read_bandwidth, torch_timer
     from validation.record import Run
 
-    record = Run(args.json.stem) if args.json else None  # started now: its wall time is the run's
+    record = Run(args.json.stem, notes=args.note) if args.json else None  # started now: its wall time is the run's
 
     if args.random_plan and not args.ratio:
         raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
