@@ -132,7 +132,8 @@ def test_bench_runs_every_engine_and_records_into_a_folder(tmp_path, capsys):
     assert ("peer skipped: onnxruntime-genai is not installed" in printed) == (not peer)
     record = json.loads((tmp_path / "speed-test.json").read_text())  # the table as printed, and its raw rows
     assert record["section"] == "speed-test" and record["notes"] == ["shared with nothing"]
-    assert record["tables"][0]["markdown"] in printed and "| pytorch | random disp@0.5 |" in record["tables"][0]["markdown"]
+    table = record["tables"][0]["markdown"]
+    assert table in printed and "| pytorch | random disp@0.5 |" in table
     assert {"python", "torch", "transformers", "onnxruntime", "onnxruntime-genai"} <= record["versions"].keys()
     assert record["machine"]["cores"] and record["machine"]["cpu"] and record["machine"]["memory_gib"]
     assert {r["model"] for r in record["data"]["rows"]} >= {"stock transformers", "dense", "slim", "random disp@0.5"}

@@ -28,8 +28,8 @@ def _foreign_folder(folder, marker):
                             "AutoModelForCausalLM": "modeling_foreign.ForeignForCausalLM"})
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "configuration_foreign.py").write_text(
-        f"from pathlib import Path\n\nfrom transformers import LlamaConfig\n\nPath({str(marker)!r}).write_text('ran')\n\n\n"
-        "class ForeignConfig(LlamaConfig):\n    model_type = 'foreign'\n")
+        f"from pathlib import Path\n\nfrom transformers import LlamaConfig\n\n"
+        f"Path({str(marker)!r}).write_text('ran')\n\n\nclass ForeignConfig(LlamaConfig):\n    model_type = 'foreign'\n")
     (folder / "modeling_foreign.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_foreign import ForeignConfig\n\n\n"
         "class ForeignForCausalLM(LlamaForCausalLM):\n    config_class = ForeignConfig\n")
@@ -54,7 +54,8 @@ def test_a_hub_id_not_cached_is_a_one_line_error(capsys):
     for args in (["--model", "no-such-owner/no-such-model"], ["--reference", "no-such-owner/no-such-model"]):
         assert main(["eval", *args, *EVAL]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: cannot load ") and "no-such-owner/no-such-model" in err
+        assert len(err.splitlines()) == 1 and err.startswith("error: cannot load "), err
+        assert "no-such-owner/no-such-model" in err
 
 
 def test_a_missing_local_folder_is_a_one_line_error(tmp_path, capsys):
