@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
+from compress.helpers import DTYPES, is_hub_id, torch_dtype
 
 __all__ = ["load_model", "load_dtype", "dense_params", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def default_model_dir() -> Path:
@@ -26,7 +25,7 @@ def default_model_dir() -> Path:
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise CompressError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return torch_dtype(name)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -42,10 +41,10 @@ def _source(name_or_path: str | Path | None) -> tuple[str, dict]:
     as its folder plus `gguf_file`."""
     path = Path(name_or_path) if name_or_path else default_model_dir()
     if path.suffix.lower() != ".gguf":
-        if path.exists():
+        if not is_hub_id(name_or_path):
+            if not path.exists():
+                raise CompressError(f"{name_or_path}: no such model folder")
             _check_local(path)
-        elif name_or_path and str(name_or_path).startswith((".", "/", "~")):
-            raise CompressError(f"{name_or_path}: no such model folder")
         return str(path), {}
     if not path.is_file():
         raise CompressError(f"{path}: no such GGUF file")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from compress.adapters import Adapter, FusedSlice
+from compress.helpers import head_rows
 from compress.plan import Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 from compress.slim import AUTO_MAP
@@ -39,10 +40,6 @@ class _Weights:
 
 def _idx(ids: list[int], device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
-    return (_idx(heads, device)[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
 
 def slim_config(model, adapter: Adapter, plan: Plan, replaced=None) -> SlimConfig:
@@ -124,8 +121,8 @@ def _layer_tensors(w: _Weights, adapter: Adapter, layer, lp, pre: str) -> dict[s
             sd[pre + key] = _idx(ids, dev)
     a_in, a_out = _idx(r.attn_in, dev), _idx(r.attn_out, dev)
     if r.heads:
-        q_rows = _head_rows(r.heads, g.head_dim, dev)
-        kv_rows = _head_rows(r.kv_heads, g.head_dim, dev)
+        q_rows = head_rows(r.heads, g.head_dim, dev)
+        kv_rows = head_rows(r.kv_heads, g.head_dim, dev)
         _linear(sd, pre + "self_attn.q_proj", w, p.q, q_rows, a_in)
         _linear(sd, pre + "self_attn.k_proj", w, p.k, kv_rows, a_in)
         _linear(sd, pre + "self_attn.v_proj", w, p.v, kv_rows, a_in)

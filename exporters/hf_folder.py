@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from compress.errors import CompressError
+from compress.helpers import SAFETENSORS_CODES, dtype_name
 from compress.slim import SOURCE_FILES
 
 __all__ = ["staged_folder", "ShardWriter", "write_weights", "weight_map", "tensors_differ", "open_safetensors", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
@@ -64,11 +65,6 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
-
-
 def _raw(t: torch.Tensor):
     """A contiguous CPU tensor's bytes (little-endian, as safetensors stores them), without a copy."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -110,8 +106,8 @@ class _Shard:
     def finish(self) -> None:
         self.data.close()
         header = {"__metadata__": {"format": "pt"}}
-        header.update({name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [b, e]}
-                       for name, dtype, shape, b, e in self.entries})
+        header.update({name: {"dtype": SAFETENSORS_CODES[dtype_name(dtype)], "shape": shape,
+                              "data_offsets": [b, e]} for name, dtype, shape, b, e in self.entries})
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         data = self.path.with_suffix(".data")

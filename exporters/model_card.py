@@ -11,11 +11,12 @@ from pathlib import PurePath
 
 import yaml
 
+from compress.helpers import DTYPES, torch_dtype
+
 __all__ = ["model_card", "base_model_id"]
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 CACHE_REPO = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")  # huggingface_hub cache: models--ORG--NAME/snapshots/SHA
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TEST_TEXT_NOTE = ("the held-out test slice shipped with compress (`compress/reference/data/test.txt`: Python 3.11 "
                   "documentation, other documents than its calibration slice)")
 
@@ -92,8 +93,8 @@ def _size(report: dict, config: dict) -> str:
     rows = [("all parameters", p["total_before"], p["total_after"], r["achieved_total"]),
             ("decoder-layer linear weights", p["linear_before"], p["linear_after"], r["achieved_linear"])]
     slim_bytes = report.get("files", {}).get("slim_weight_bytes")
-    if slim_bytes and dtype in ITEMSIZE:
-        dense_bytes = p["total_before"] * ITEMSIZE[dtype]
+    if slim_bytes and dtype in DTYPES:
+        dense_bytes = p["total_before"] * torch_dtype(dtype).itemsize
         rows.append((f"weight bytes ({dtype})", dense_bytes, slim_bytes, 1 - slim_bytes / dense_bytes))
     table = ["| | dense | pruned | removed |", "|---|---:|---:|---:|"]
     table += [f"| {name} | {a:,} | {b:,} | {100 * frac:.1f}% |" for name, a, b, frac in rows]

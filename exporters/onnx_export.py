@@ -31,6 +31,8 @@ import torch
 from onnxscript import opset18 as op
 from torch import nn
 
+from compress.helpers import ONNX_TYPES, torch_dtype
+
 
 __all__ = ["export_onnx", "kv_layers", "probe_keys", "onnx_dir_name", "CONFIG_NAME", "MODEL_NAME", "DATA_NAME",
            "PREFILL_NAME"]
@@ -38,7 +40,6 @@ __all__ = ["export_onnx", "kv_layers", "probe_keys", "onnx_dir_name", "CONFIG_NA
 CONFIG_NAME, MODEL_NAME, DATA_NAME = "onnx_config.json", "model.onnx", "model.onnx.data"
 PREFILL_NAME = "prefill.onnx"  # Probe Pruning models only
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion, runs on ORT >= 1.14
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def kv_layers(config) -> list[int]:
@@ -196,8 +197,8 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     from exporters.onnx_fused import GENAI_NAME, build_fused, genai_config, save_fused, supported
     from exporters.onnx_quant import BLOCK_SIZE, WEIGHTS, quantize_weights
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if dtype not in ONNX_TYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(ONNX_TYPES)}")
     if graph not in GRAPHS:
         raise ValueError(f"graph {graph!r}: choose from {', '.join(GRAPHS)}")
     if weights != "float" and weights not in WEIGHTS:
@@ -211,9 +212,9 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
     fused = graph != "traced" and why is None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = slim_model
-    if next(model.parameters()).dtype != DTYPES[dtype]:
-        model = copy.deepcopy(slim_model).to(DTYPES[dtype])
+    model, float_type = slim_model, torch_dtype(dtype)
+    if next(model.parameters()).dtype != float_type:
+        model = copy.deepcopy(slim_model).to(float_type)
     opset = opset or DEFAULT_OPSET
     training = model.training
     modes = ["step", "prefill"] if probe_keys(model) else ["step"]
@@ -221,7 +222,7 @@ def export_onnx(slim_model, out_dir: str | Path, dtype: str = "float32", opset: 
         wrapper = _Exportable(model, mode)
         inputs, outputs = _names(wrapper, mode)
         if fused:
-            save_fused(build_fused(model, wrapper.layers, inputs, outputs, DTYPES[dtype]), out / MODEL_NAME, DATA_NAME)
+            save_fused(build_fused(model, wrapper.layers, inputs, outputs, float_type), out / MODEL_NAME, DATA_NAME)
             if weights != "float":
                 quantize_weights(out / MODEL_NAME, weights, DATA_NAME)
             genai = genai_config(model, inputs, outputs)

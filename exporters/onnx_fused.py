@@ -40,13 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress.helpers import ONNX_TYPES, dtype_name
+
 __all__ = ["supported", "build_fused", "weight_groups", "genai_config", "GENAI_NAME"]
 
 GENAI_NAME = "genai_config.json"
 
 MS = "com.microsoft"
 _ACTIVATIONS = {"silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"}
-_ONNX_DTYPES = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16
 
 
 def _even_groups(attn) -> bool:
@@ -76,7 +77,7 @@ class _Builder:
         from onnx import helper
 
         self.helper, self.dtype = helper, dtype
-        self.np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        self.np_dtype = np.dtype(dtype_name(dtype)).type
         self.nodes, self.inits, self.count = [], [], 0
 
     def const(self, name: str, value) -> str:
@@ -211,7 +212,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
 
     c, m = slim.config, slim.model
     b = _Builder(dtype)
-    elem = _ONNX_DTYPES[dtype]
+    elem = ONNX_TYPES[dtype_name(dtype)][0]
     ids, mask, pos = inputs[:3]
     past = dict(zip([(i, kv) for i in layers for kv in ("key", "value")], inputs[3:]))
     present = dict(zip([(i, kv) for i in layers for kv in ("key", "value")], outputs[1:]))

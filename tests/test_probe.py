@@ -76,9 +76,9 @@ def test_decode_check_catches_a_request_that_forgets_its_choice(reference, monke
     plan.runtime = probe_runtime(0.4)
     pp = with_probe(build_slim_model(model, adapter, plan), plan.runtime, calib)
     assert not _failed(probe_checks(pp, model, adapter, plan, None, calib))
-    run = modeling_slim.SlimModel._probe_run
-    monkeypatch.setattr(modeling_slim.SlimModel, "_probe_run",
-                        lambda self, cache, past, mask, pos: run(self, cache, 0, mask, pos))  # re-probe every step
+    run = modeling_slim.probe_run
+    monkeypatch.setattr(modeling_slim, "probe_run",
+                        lambda model, cache, past, mask, pos: run(model, cache, 0, mask, pos))  # re-probe every step
     assert _failed(probe_checks(pp, model, adapter, plan, None, calib)) == {"probe-decode"}
 
 

@@ -9,6 +9,7 @@ import torch
 
 from compress.adapters import SUPPORTED_FAMILIES, get_adapter
 from compress.errors import PlanMismatchError, UnsupportedModelError
+from compress.helpers import positions
 from compress.masking import masked, plan_masks
 from compress.plan import LayerPlan, Plan, linear_params, model_identity
 from compress.slimming import build_slim_model
@@ -44,9 +45,8 @@ def odd_plan(g, seed=0) -> Plan:
 
 
 def _logits(model, ids, mask):
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -27,6 +27,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.calibration import ChannelStats
+from compress.helpers import head_rows
 from compress.methods.base import register
 from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, CalibratedMethod, add_option
 from compress.methods.wanda_sp import column_scores
@@ -47,7 +48,7 @@ def compensation_biases(adapter: Adapter, layer, prefix: str, layer_plan, stats:
     g = adapter.geometry()
     p, r = adapter.parts(layer), layer_plan.resolved(g)
     names = {m: n for n, m in layer.named_modules()}
-    kept_cols = (torch.tensor(r.heads, dtype=torch.long)[:, None] * g.head_dim + torch.arange(g.head_dim)).reshape(-1)
+    kept_cols = head_rows(r.heads, g.head_dim)
     out: dict[str, torch.Tensor] = {}
     for mod, st, kept, width in ((p.o, stats["o"], kept_cols, g.num_heads * g.head_dim),
                                  (p.down, stats["down"], torch.tensor(r.mlp_hidden, dtype=torch.long),

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from compress.adapters import Adapter, FusedSlice
 from compress.calibration import layer_inputs, run_layer
+from compress.helpers import head_rows
 from compress.masking import mask_layer, plan_masks, replaced_weights
 from compress.methods.tyr_obs import damped, layer_hessian
 from compress.plan import Plan
@@ -61,7 +62,7 @@ def refit_plan(model: nn.Module, adapter: Adapter, plan: Plan, calib: torch.Tens
     for layer, lp, lm in tqdm(list(zip(layers, plan.layers, plan_masks(plan, g))), desc="refit", unit="layer",
                               leave=False):
         p = adapter.parts(layer)
-        heads = None if lp.heads is None else [h * g.head_dim + j for h in lp.heads for j in range(g.head_dim)]
+        heads = None if lp.heads is None else head_rows(lp.heads, g.head_dim).tolist()
         steps = [(p.attn_norm, True, [p.q, p.k, p.v], lp.attn_in if lp.heads != [] else None),
                  (p.o, False, [p.o], heads),
                  (p.mlp_norm, True, [p.gate, p.up], lp.mlp_in if lp.mlp_hidden != [] else None),

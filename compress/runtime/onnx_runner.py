@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-
+from compress.helpers import ONNX_TYPES, positions
 from compress.onnxruntime_import import ort
 
 __all__ = ["OnnxRunner", "Generation", "SharedCache", "default_providers"]
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP_DTYPES = {ort_type: np.dtype(name).type for name, (_, ort_type) in ONNX_TYPES.items()}
 _NP_INPUT_TYPES = {**_NP_DTYPES, "tensor(int64)": np.int64}
 
 
@@ -248,11 +248,6 @@ class OnnxRunner:
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         return ids, mask.reshape(ids.shape)
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids as the slim model derives them: count of real tokens so far, 0 at padding."""
-    return np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1).astype(np.int64)
 
 
 def _length(t) -> int:
