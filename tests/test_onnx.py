@@ -27,7 +27,7 @@ from exporters.onnx_export import CONFIG_NAME, DATA_NAME, export_onnx
 from exporters.onnx_fused import GENAI_NAME, supported
 from compress.runtime.onnx_runner import OnnxRunner
 from tiny import TINY_CONFIGS, VOCAB, tiny_model
-from validation.parity import compare_onnx
+from validation.onnx_parity import compare_onnx
 
 TOL_FP32 = 1e-4
 TOL_FP16 = 1e-2

@@ -21,7 +21,7 @@ from exporters.onnx_quant import dequantized_reference
 from compress.runtime.onnx_runner import OnnxRunner
 from test_onnx import TOL_FP16, TOL_FP32, WIDE, prompts, pruning_plan
 from tiny import tiny_model
-from validation.parity import compare_onnx
+from validation.onnx_parity import compare_onnx
 
 
 @pytest.mark.parametrize("weights", ["int4"])

@@ -1,4 +1,5 @@
-"""Parity checks, as DESIGN.md defines them, with every tolerance in one table.
+"""Parity checks: the slim model against the dense model masked by its plan, each a max |logit
+difference| held to a tolerance per dtype (`TOLERANCES`) or a comparison of greedy tokens:
 
 1. equivalence: slim logits == dense model with the plan applied as masks (and rewritten tensors);
 2. identity:    a keep-all slim model == the dense model;
@@ -7,7 +8,7 @@
 4. files:       the folder holds exactly the slim tensors, and the model transformers loads from
                 it (its own modeling file) == the masked dense model, dense weights rounded to
                 the export dtype, both in float64;
-5. onnx:        onnxruntime == slim PyTorch, prefill and every decode step (`onnx_checks`);
+5. onnx:        onnxruntime == slim PyTorch, prefill and every decode step (`onnx_parity.onnx_checks`);
 6. layers:      each slim decoder layer == its masked dense layer, one layer at a time in float64
                 (`layer_equivalence`): what runs instead of 1-4's model runs when float64 copies
                 of the whole model do not fit in memory (scope "layers"; "auto" decides);
@@ -35,29 +36,22 @@ import torch
 
 from compress.adapters import Adapter
 from compress.errors import ParityError
+from compress.helpers import dtype_name, positions
 from compress.masking import mask_layer, masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
 
-__all__ = ["TOLERANCES", "ONNX_TOLERANCES", "GENERATION_TOKENS", "SCOPES", "Check", "parity_batch", "run_parity",
-           "resolve_scope", "equivalence_checks", "layer_equivalence", "LayerChecker",
-           "probe_checks", "check_files", "onnx_checks", "compare_onnx", "raise_on_failure", "parity_targets"]
+__all__ = ["TOLERANCES", "GENERATION_TOKENS", "SCOPES", "Check", "parity_batch", "run_parity", "resolve_scope",
+           "equivalence_checks", "layer_equivalence", "LayerChecker", "probe_checks", "check_files",
+           "raise_on_failure", "parity_targets"]
 
-# Max |logit difference| allowed, per dtype. float64 (the CPU check) leaves room for rounding
-# only; float32 (the folder check, same tensors through the same code) differs by summation
-# order at most; half precisions round every matmul of different inner width differently.
+# Max |logit difference| allowed, per dtype. float64 (the CPU checks, and the files check of any
+# export dtype) leaves room for rounding only; half precisions (CUDA) round every matmul of
+# different inner width differently. The ONNX checks' table is onnx_parity.ONNX_TOLERANCES.
 TOLERANCES = {
     "float64": 1e-6,
-    "float32": 1e-4,
     "float16": 2e-2,
     "bfloat16": 1.5e-1,
-}
-# ONNX (onnxruntime) vs the float64 slim model, prefill and every decode step: at least these,
-# and NOISE_FACTOR times PyTorch's own error at the same dtype (which grows with depth).
-NOISE_FACTOR = 4
-ONNX_TOLERANCES = {
-    "float32": 1e-4,
-    "float16": 1e-2,
 }
 GENERATION_TOKENS = 32
 
@@ -100,13 +94,9 @@ def parity_batch(ids: torch.Tensor, rows: int = 3, length: int = 48) -> tuple[to
     return ids, mask
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 @torch.no_grad()
 def _logits(model, ids, mask) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits.double()
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits.double()
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -139,7 +129,7 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
     ids, mask = parity_batch(ids)
     g = adapter.geometry()
     for device, dtype in targets or parity_targets():
-        dname = str(dtype).removeprefix("torch.")
+        dname = dtype_name(dtype)
         w = next(dense.parameters())
         d = dense if (w.device.type, w.dtype) == (device, dtype) else copy.deepcopy(dense).to(device, dtype)
         s = build_slim_model(d, adapter, slim_plan or plan, replaced)
@@ -349,7 +339,7 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     from exporters.hf_folder import weights_differ
 
     dtype = expected["model.embed_tokens.weight"].dtype
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     problem = weights_differ(Path(folder), expected)
     if problem:
         return Check("files", "cpu", name, float("inf"), TOLERANCES["float64"], False, problem)
@@ -374,126 +364,6 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     tol = TOLERANCES["float64"]
     return Check("files", "cpu", name, diff, tol, diff <= tol,
                  "folder loaded by transformers == masked dense (weights in the export dtype), float64")
-
-
-def onnx_checks(slim, onnx_path: str | Path, dtype: str, ids: torch.Tensor) -> list[Check]:
-    """ONNX (onnxruntime) vs slim PyTorch on every available execution provider.
-
-    Both are held against the slim model in float64 (for Probe Pruning, forced to PyTorch's
-choice, which onnxruntime's prefill must repeat index for index): onnxruntime may differ from it by at most
-    NOISE_FACTOR times PyTorch's own rounding error at this dtype and depth (a floor from
-    ONNX_TOLERANCES), since two correct float32 programs that sum in different orders differ
-    by about that much. Greedy tokens must be identical in float32 and are reported in float16.
-    On CUDA, TF32 is turned off in onnxruntime, as it is in PyTorch by default: like with like.
-    """
-    from compress.runtime.onnx_runner import OnnxRunner, default_providers
-
-    checks = []
-    for provider in default_providers():
-        cuda = provider == "CUDAExecutionProvider"
-        if cuda and not torch.cuda.is_available():
-            continue
-        device = "cuda" if cuda else "cpu"
-        runner = OnnxRunner(onnx_path, providers=[(provider, {"use_tf32": "0"}) if cuda else provider])
-        r = compare_onnx(slim.to(device, getattr(torch, dtype)), runner, ids.to(device))
-        floor = ONNX_TOLERANCES[dtype]
-        if "error" in r:
-            checks.append(Check("onnx", device, dtype, float("inf"), floor, False, r["error"]))
-            continue
-        tol = max(floor, NOISE_FACTOR * r["torch_float64_error"])
-        same = r["greedy_tokens_equal"] and r["probe_indices_equal"]
-        probe = "" if not getattr(slim.model, "probing", False) else (
-            f"; probe indices {'identical' if r['probe_indices_equal'] else 'DIFFER'}")
-        checks.append(Check(
-            "onnx", device, dtype, r["float64_error"], tol, r["float64_error"] <= tol and (same or dtype != "float32"),
-            f"{runner.config.get('graph', 'traced')} graph; vs float64: PyTorch {dtype} {r['torch_float64_error']:.1e}; "
-            f"vs PyTorch {dtype}: prefill "
-            f"{r['prefill_max_abs_diff']:.1e}, decode max {max(r['decode_max_abs_diff']):.1e}; "
-            f"{GENERATION_TOKENS} greedy tokens {'identical' if r['greedy_tokens_equal'] else 'DIFFER'}"
-            f"{' (KV buffers in place)' if runner.shares_cache else ''}{probe}"))
-    slim.to("cpu", torch.float32)
-    return checks
-
-
-def compare_onnx(slim, runner, input_ids, steps: int = GENERATION_TOKENS) -> dict:
-    """Run onnxruntime, the slim model and its float64 copy in lockstep: prefill, then one token per
-    step, every side fed the same (PyTorch greedy) token so the diffs measure the graph, not a
-    diverged sequence; then greedy generation on both. Numbers only; an exception becomes {"error": ...}.
-    """
-    import numpy as np
-
-    ids = input_ids.cpu().numpy() if torch.is_tensor(input_ids) else np.asarray(input_ids)
-    try:
-        return _lockstep(slim, runner, np.atleast_2d(ids).astype(np.int64), steps)
-    except Exception as e:  # noqa: BLE001 - the caller compares numbers to tolerances and reports
-        return {"error": f"{type(e).__name__}: {e}", "steps": steps}
-
-
-@torch.no_grad()
-def _lockstep(slim, runner, ids, steps: int) -> dict:
-    import numpy as np
-    from transformers.cache_utils import DynamicCache
-
-    from compress.slim.modeling_slim import CACHE_NAME
-
-    device = next(slim.parameters()).device
-    exact = copy.deepcopy(slim).to("cpu", torch.float64)
-    mask = np.ones_like(ids)
-    caches = (DynamicCache(), DynamicCache())  # full caches: the slim mask handles any sliding window itself
-    diffs, onnx_err, torch_err, argmax_equal = [], [], [], True
-    nxt, past = ids, None
-    probing = getattr(slim.model, "probing", False)
-    same_choice = True
-    for step in range(steps + 1):  # prefill, then one token per step
-        x, m = torch.from_numpy(nxt), torch.from_numpy(mask)
-        ref = slim(input_ids=x.to(device), attention_mask=m.to(device), cache=caches[0]).logits.double().cpu().numpy()
-        if probing and step == 0:  # float64 follows PyTorch's choice: the diffs measure arithmetic
-            chosen = {k: sel["index"].cpu() for k, sel in caches[0].probe_selection.items()}
-            exact.model.probe_forced = chosen
-        ref64 = exact(input_ids=x, attention_mask=m, cache=caches[1]).logits.numpy()
-        logits, past = runner.forward(nxt, mask, past=past)
-        if probing and step == 0:
-            from exporters.onnx_export import probe_keys
-
-            n = len(runner.past_names)
-            onnx_choice = past[n:n + len(runner.probe_index_names)]
-            same_choice = len(onnx_choice) == len(chosen) and all(
-                np.array_equal(_numpy(c), chosen[k].numpy()) for k, c in zip(probe_keys(slim), onnx_choice))
-        logits = logits.astype(np.float64)
-        diffs.append(float(np.abs(logits - ref).max()))
-        onnx_err.append(float(np.abs(logits - ref64).max()))
-        torch_err.append(float(np.abs(ref - ref64).max()))
-        nxt = ref[:, -1].argmax(-1)[:, None].astype(np.int64)
-        argmax_equal &= bool((logits[:, -1].argmax(-1) == nxt[:, 0]).all())
-        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    del exact
-
-    t_ids = torch.from_numpy(ids).to(device)
-    torch_tokens = slim.generate(t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, max_new_tokens=steps,
-                                 eos_token_id=None, pad_token_id=0, **{CACHE_NAME: DynamicCache()},
-                                 )[:, ids.shape[1]:].cpu().numpy()
-    onnx_tokens = runner.generate(ids, max_new_tokens=steps, eos_token_id=None).new_ids
-    n = min(torch_tokens.shape[1], onnx_tokens.shape[1])
-    differ = np.nonzero((torch_tokens[:, :n] != onnx_tokens[:, :n]).any(0))[0]
-    return {
-        "steps": steps,
-        "dtype": runner.dtype_name,
-        "provider": runner.provider,
-        "prefill_max_abs_diff": diffs[0],  # onnxruntime vs PyTorch at the same dtype
-        "decode_max_abs_diff": diffs[1:],
-        "max_abs_diff": max(diffs),
-        "float64_error": max(onnx_err),  # onnxruntime vs the float64 slim model
-        "torch_float64_error": max(torch_err),  # PyTorch at this dtype vs float64: its rounding error
-        "step_argmax_equal": argmax_equal,
-        "greedy_tokens_equal": bool(torch_tokens.shape == onnx_tokens.shape and differ.size == 0),
-        "greedy_first_mismatch": int(differ[0]) if differ.size else None,
-        "probe_indices_equal": same_choice,  # Probe Pruning: the prefill chose what PyTorch chose
-    }
-
-
-def _numpy(value):
-    """A runner output as numpy: OrtValues (CUDA, I/O binding) have `.numpy()`, numpy arrays do not."""
-    return value.numpy() if hasattr(value, "numpy") else value
 
 
 def raise_on_failure(checks: list[Check]) -> None:

@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from compress.textdata import windows
+from compress.reference import TEST_TEXT
+from compress.textdata import load_text, token_stream, windows
 
-__all__ = ["Perplexity", "Comparison", "perplexity", "compare", "LayerwiseComparison"]
+__all__ = ["Perplexity", "Comparison", "perplexity", "compare", "quantization_cost", "LayerwiseComparison"]
+
+QUANTIZATION_WINDOWS = 16  # held-out windows of 256 tokens for the cost of quantizing
 
 
 @dataclass
@@ -149,6 +152,15 @@ def compare(model, reference, ids: torch.Tensor, seq_len: int = 256, batch_size:
         for x, mask in _batches(wins, first, batch_size, device, "compare", progress):
             tally.add(_logprobs(model, x), _logprobs(reference, x), x[:, 1:], mask)
     return tally.result(wins, seq_len, stride, mode)
+
+
+def quantization_cost(quantized, model, tokenizer) -> dict:
+    """What quantizing `model`'s weights costs, as report.json records it: `compare` of `quantized`
+    (a PyTorch model holding the dequantized weights) against the float `model` on held-out text."""
+    q = compare(quantized, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=256,
+                max_windows=QUANTIZATION_WINDOWS, progress=False)
+    return {"windows": q.windows, "float_ppl": q.reference_perplexity, "quantized_ppl": q.perplexity, "kl": q.kl,
+            "agreement": q.top1_agreement}
 
 
 class LayerwiseComparison:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
+from compress.helpers import ONNX_TYPES
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", type=Path, help="a folder written by `compress export`")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="ONNX model dtype")
+    p.add_argument("--dtype", default="float32", choices=list(ONNX_TYPES), help="ONNX model dtype")
     p.add_argument("--graph", default="auto", choices=["auto", "fused", "traced"],
                    help="fused: one node per fused onnxruntime operator (GroupQueryAttention, "
                         "SkipSimplifiedLayerNormalization; static models with head and rotary dimensions that are "
@@ -61,7 +62,9 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     from exporters.onnx_export import export_onnx
     from exporters.onnx_fused import GENAI_NAME
     from exporters.onnx_quant import dequantized_reference
-    from validation.parity import onnx_checks, raise_on_failure
+    from validation.onnx_parity import onnx_checks
+    from validation.parity import raise_on_failure
+    from validation.quality import quantization_cost
 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
@@ -89,7 +92,10 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
             print("  parity " + c.line())
         raise_on_failure(checks)
         if weights != "float":
-            quality = _quantization_cost(reference, slim, tokenizer, weights)
+            quality = quantization_cost(reference, slim, tokenizer)
+            print(f"  {weights} weights on {quality['windows']} held-out windows: perplexity "
+                  f"{quality['float_ppl']:.2f} (float) -> {quality['quantized_ppl']:.2f}, KL {quality['kl']:.4f}, "
+                  f"top-1 agreement {quality['agreement']:.3f}")
     report_path = folder / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
@@ -98,23 +104,6 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
             report.setdefault("onnx_quantization", {})[_variant(dtype, weights)] = quality
         report_path.write_text(json.dumps(report, indent=1) + "\n")
     return checks
-
-
-QUALITY_WINDOWS = 16  # held-out windows of 256 tokens for the cost of quantizing
-
-
-def _quantization_cost(quantized, slim, tokenizer, weights: str) -> dict:
-    """KL and perplexities of the quantized model (its PyTorch twin) against the float slim model."""
-    from compress.reference import TEST_TEXT
-    from compress.textdata import load_text, token_stream
-    from validation.quality import compare
-
-    q = compare(quantized, slim, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=256,
-                max_windows=QUALITY_WINDOWS, progress=False)
-    print(f"  {weights} weights on {q.windows} held-out windows: perplexity {q.reference_perplexity:.2f} (float) -> "
-          f"{q.perplexity:.2f}, KL {q.kl:.4f}, top-1 agreement {q.top1_agreement:.3f}")
-    return {"windows": q.windows, "float_ppl": q.reference_perplexity, "quantized_ppl": q.perplexity, "kl": q.kl,
-            "agreement": q.top1_agreement}
 
 
 def run(args: argparse.Namespace) -> int:
