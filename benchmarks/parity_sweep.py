@@ -1,9 +1,9 @@
 """Parity of every method at several ratios on one model: no false alarms, and wrong plans caught.
 
 For each method and ratio: prune, run the export's parity checks (equivalence, 32-token greedy
-generation, identity; CPU float64), then build the slim model from the same plan with one kept MLP
-channel moved to a pruned neighbour and check that equivalence fails. Prints the table and writes
-the run's JSON record (`--json`; by default benchmarks/results/SECTION.json, then RESULTS.md).
+generation, identity; CPU float64), then build the slim model from the same plan with one kept
+index moved to a pruned neighbour (validation.mutations) and check that equivalence fails. Prints
+the table and writes the run's JSON record (`--json`; by default benchmarks/results/SECTION.json, then RESULTS.md).
 
     python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section parity-smollm2
 """
@@ -11,7 +11,6 @@ the run's JSON record (`--json`; by default benchmarks/results/SECTION.json, the
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -27,21 +26,8 @@ from compress.reference import CALIB_TEXT, MODEL_DIR  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
 from quality import parse_variant, record_options, save  # noqa: E402
 from validation import parity  # noqa: E402
+from validation.mutations import mutate  # noqa: E402
 from validation.record import Run, table  # noqa: E402
-
-
-def one_index_off(plan, g):
-    """The plan with one kept MLP channel (of the last layer that prunes some) moved to a pruned neighbour."""
-    wrong = copy.deepcopy(plan)
-    for i in reversed(range(len(wrong.layers))):
-        lp = wrong.layers[i].resolved(g)
-        kept = lp.mlp_hidden
-        if 0 < len(kept) < g.intermediate:
-            off = next(k + 1 for k in kept if k + 1 < g.intermediate and k + 1 not in kept)
-            lp.mlp_hidden = sorted(kept[:-1] + [off])
-            wrong.layers[i] = lp
-            return wrong
-    raise ValueError("the plan prunes no MLP channel: nothing to move")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = prune(model, name, ratio, calib, **settings)
             checks = parity.run_parity(model, adapter, result.plan, result.replaced, calib)
+            wrong_plan = mutate(result.plan, g, "index_off")
+            if wrong_plan is None:
+                raise ValueError(f"{spec} at {ratio:g} prunes no residual index or MLP channel: nothing to move")
             wrong = next(c for c in parity.run_parity(model, adapter, result.plan, result.replaced, calib,
-                                                      targets=[("cpu", torch.float64)],
-                                                      slim_plan=one_index_off(result.plan, g))
+                                                      targets=[("cpu", torch.float64)], slim_plan=wrong_plan)
                          if c.name == "equivalence")
             by = {c.name: c for c in checks}
             rows.append(dict(method=spec, ratio=ratio, equivalence=by["equivalence"].max_abs_diff,
@@ -83,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     save(run, args, f"Parity sweep on {'the reference model' if args.model == MODEL_DIR else args.model.name}",
          f"{g.num_layers} layers, hidden {g.hidden}. Every method and ratio: the export's checks on CPU in float64 "
          f"(tolerance {parity.TOLERANCES['float64']:.0e}; generation = 32 greedy tokens of slim == masked dense), then "
-         "the slim model built from the same plan with one kept MLP channel (of the last layer that prunes some) "
-         f"moved to a pruned neighbour, which equivalence must fail. Calibration {len(calib)} x 256 tokens.",
+         "the slim model built from the same plan with one kept index (of the first layer that prunes a residual "
+         "set or MLP channels) moved to a pruned neighbour, which equivalence must fail. "
+         f"Calibration {len(calib)} x 256 tokens.",
          [table(columns, rows)])
     return 0
 
