@@ -4,7 +4,7 @@ transformers' GGUF loader dequantizes every tensor into memory at once (in float
 cast: 28 GB for a 7B model). Here each tensor is dequantized, fixed up by the same per-family
 tensor processor transformers uses (llama.cpp's q/k row order undone, names mapped), cast and
 appended to a shard, so memory holds one tensor; the folder then streams like any other
-(`compress.streaming.DenseStream`). The values are those `from_pretrained(..., gguf_file=...)`
+(`compress.source.DenseStream`). The values are those `from_pretrained(..., gguf_file=...)`
 gives (tests/test_gguf.py exports both ways and compares the bytes).
 """
 

@@ -22,18 +22,21 @@ PACKAGES = ("compress", "exporters", "validation")
 LAYERS = [
     # what a plan and a model family are, the slim model's own files, shared helpers
     ["compress.errors", "compress.helpers", "compress.plan", "compress.adapters", "compress.slim",
-     "compress.reference", "compress.onnxruntime_import", "compress.memory"],
+     "compress.reference", "compress.onnxruntime_import", "compress.memory",
+     "compress.llamacpp_import"],
     # reading and writing safetensors folders; loading models, GGUF files and text
     ["exporters.hf_folder", "compress.loading", "compress.gguf_folder", "compress.textdata", "compress.corpus",
      "compress.source"],
-    ["compress.calibration", "compress.masking", "compress.slimming"],
+    ["compress.calibration", "compress.masking", "compress.slimming", "compress.training"],
     ["compress.probe"],
     ["compress.methods", "compress.random_plan"],
-    ["exporters.onnx_export", "exporters.onnx_fused", "exporters.onnx_quant"],
+    ["compress.recover"],
+    ["exporters.onnx_export", "exporters.onnx_fused", "exporters.onnx_quant", "exporters.gguf_export",
+     "exporters.gguf_tokenizer", "exporters.gguf_quantize"],
     ["compress.runtime"],
     ["validation"],
     ["compress.speed"],
-    ["compress.pipeline", "compress.streaming", "exporters.hub", "exporters.model_card"],
+    ["compress.pipeline", "exporters.hub", "exporters.model_card", "exporters.gguf_card"],
     ["compress.commands", "compress.cli"],
 ]
 

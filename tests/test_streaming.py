@@ -11,7 +11,8 @@ from transformers import GenerationConfig
 
 from compress.cli import main
 from compress.errors import CompressError
-from compress.streaming import DenseStream, choose_streaming, prune_streamed
+from compress.pipeline import prune, streaming_for
+from compress.source import DenseStream
 from exporters.hf_folder import INDEX_FILE, ShardWriter
 from test_pipeline import FAST, save_dense, tamper
 from tiny import TINY_CONFIGS, tiny_model
@@ -89,7 +90,7 @@ def test_a_hub_id_streams_from_its_snapshot_in_the_cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert choose_streaming("on", "acme/tiny", "flap", False, "auto") == snapshot
+    assert streaming_for("on", "acme/tiny", "flap", False, "auto") == snapshot
     args = ["export", "--method", "flap", "--ratio", "0.4", *FAST]
     assert main([*args, "--model", "acme/tiny", "--streaming", "on", "--out", str(tmp_path / "hub-streamed")]) == 0
     assert main([*args, "--model", str(snapshot), "--streaming", "off", "--out", str(tmp_path / "whole")]) == 0
@@ -99,17 +100,17 @@ def test_a_hub_id_streams_from_its_snapshot_in_the_cache(tmp_path, monkeypatch):
     for f in snapshot.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(CompressError, match="nor a local folder or Hub repository of safetensors"):
-        choose_streaming("on", "acme/tiny", "flap", False, "auto")
+        streaming_for("on", "acme/tiny", "flap", False, "auto")
     with pytest.raises(CompressError, match="cannot download acme/other"):
-        choose_streaming("on", "acme/other", "flap", False, "auto")
+        streaming_for("on", "acme/other", "flap", False, "auto")
 
 
 def test_streamed_layer_check_catches_a_wrong_slim_tensor(tmp_path, monkeypatch, capsys):
     """A slim tensor off by 1e-3 in one layer fails the streamed export, and nothing is written."""
-    import compress.slimming as slimming
+    import compress.pipeline as pipeline
 
     dense = save_dense(tiny_model("llama"), tmp_path / "dense")
-    real = slimming.slim_layer_state_dict
+    real = pipeline.slim_layer_state_dict
 
     def off(model, adapter, plan, i, replaced=None):
         sd = real(model, adapter, plan, i, replaced)
@@ -118,7 +119,7 @@ def test_streamed_layer_check_catches_a_wrong_slim_tensor(tmp_path, monkeypatch,
             sd["mlp.down_proj.weight"][0, 0] += 1e-3
         return sd
 
-    monkeypatch.setattr(slimming, "slim_layer_state_dict", off)
+    monkeypatch.setattr(pipeline, "slim_layer_state_dict", off)
     out = tmp_path / "slim"
     assert main(["export", "--model", str(dense), "--method", "flap", "--ratio", "0.4", "--out", str(out),
                  "--streaming", "on", *FAST]) == 2
@@ -164,18 +165,18 @@ def test_streaming_choice(tmp_path, monkeypatch):
     from compress import memory
 
     dense = save_dense(tiny_model("llama"), tmp_path / "dense")
-    assert choose_streaming("auto", str(dense), "flap", False, "auto") is None
-    assert choose_streaming("on", str(dense), "flap", False, "auto") == dense
+    assert streaming_for("auto", str(dense), "flap", False, "auto") is None
+    assert streaming_for("on", str(dense), "flap", False, "auto") == dense
     for args, why in (((str(dense), "tyr", False, "auto"), "needs the whole model"),
                       ((str(dense), "flap", True, "auto"), "--runtime"),
                       ((str(dense), "flap", False, "model"), "--parity-scope model"),
                       ((str(tmp_path / "m.gguf"), "flap", False, "auto"), "not a GGUF file nor a local folder")):
         with pytest.raises(CompressError, match=why):
-            choose_streaming("on", *args)
+            streaming_for("on", *args)
     monkeypatch.setattr(memory, "available_memory", lambda: 1024)
-    assert choose_streaming("auto", str(dense), "wanda-sp", False, "auto") == dense
-    assert choose_streaming("auto", str(dense), "disp", False, "auto") is None
-    assert choose_streaming("off", str(dense), "wanda-sp", False, "auto") is None
+    assert streaming_for("auto", str(dense), "wanda-sp", False, "auto") == dense
+    assert streaming_for("auto", str(dense), "disp", False, "auto") is None
+    assert streaming_for("off", str(dense), "wanda-sp", False, "auto") is None
 
 
 def test_a_layer_holds_memory_only_while_it_is_read(tmp_path):
@@ -189,7 +190,7 @@ def test_a_layer_holds_memory_only_while_it_is_read(tmp_path):
         assert all(p.is_meta for p in layers[0].parameters())
     assert all(p.is_meta for p in layers[1].parameters())
     with pytest.raises(CompressError, match="whole model"):
-        prune_streamed(stream, "tyr", 0.5, torch.zeros(2, 8, dtype=torch.long))
+        prune(stream, "tyr", 0.5, torch.zeros(2, 8, dtype=torch.long))
 
 
 def test_streamed_validate_passes_then_catches_a_tampered_tensor_and_another_model(tmp_path, capsys):

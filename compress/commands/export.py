@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.helpers import check_ratio
 from compress.methods import METHODS
-from compress.pipeline import check_ratio, export, prune
+from compress.pipeline import export, prune, streaming_for
 
-DEFAULT_METHOD = "disp" if "disp" in METHODS else "wanda-sp"
+DEFAULT_METHOD = "disp"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,10 +91,11 @@ def method_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compress.helpers import dtype_name
     from compress.loading import load_tokenizer, resolve_device, resolve_dtype
     from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
-    from compress.streaming import choose_streaming
+    from compress.source import open_source
     from compress.textdata import calibration_windows, load_text, token_stream
     from exporters.hf_folder import parse_size
 
@@ -115,14 +117,15 @@ def run(args: argparse.Namespace) -> int:
     parse_size(args.max_shard_size)
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     t0 = time.perf_counter()
-    folder = choose_streaming(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
+    folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
                                 args.calib_samples)
-    if folder is not None:
-        report = _run_streamed(args, folder, tokenizer, calib, dtype, device)
-    else:
-        report = _run_in_memory(args, tokenizer, calib, dtype, device, runtime)
+    source = open_source(args.model, folder, args.load_dtype, dtype, device)
+    how = "streaming {} one layer at a time" if source.streamed else "loaded {}"
+    print(f"{how.format(args.model or 'the reference model')} on {device} in {dtype_name(source.dtype)}; "
+          f"calibration {tuple(calib.shape)} tokens")
+    report = _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime)
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 
@@ -166,46 +169,20 @@ def _dry_run(args) -> int:
     return 0
 
 
-def _run_in_memory(args, tokenizer, calib, dtype, device, runtime) -> dict:
-    from compress.loading import load_model
-
-    model = load_model(args.model, dtype=args.load_dtype, device=device, export_dtype=dtype)
-    held = str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"loaded {args.model or 'the reference model'} on {device} in {held}; calibration {tuple(calib.shape)} tokens")
+def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime) -> dict:
+    """`prune` and `export` over the dense model's layers, held or streamed; the report."""
     t1 = time.perf_counter()
-    result = prune(model, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
+    result = prune(source, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
     if runtime:
         if result.plan.runtime:
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
         result.plan.runtime = runtime
     prune_s = time.perf_counter() - t1
-    quality = _quality(model, result, tokenizer, args, device, calib.to(device)) if args.eval_windows else {}
-    return export(model, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
+    quality, comparison = ({}, None) if not args.eval_windows else _quality(source, result, tokenizer, args, device,
+                                                                             calib.to(device))
+    return export(source, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
                   overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size, quality=quality,
-                  extra=_extra(args, prune_s), parity_scope=args.parity_scope)
-
-
-def _run_streamed(args, folder, tokenizer, calib, dtype, device) -> dict:
-    from compress.loading import load_config, load_dtype
-    from compress.reference import TEST_TEXT
-    from compress.streaming import DenseStream, export_streamed, prune_streamed
-    from compress.textdata import load_text, token_stream
-    from validation.quality import LayerwiseComparison
-
-    held = load_dtype(load_config(folder), args.load_dtype, dtype)
-    stream = DenseStream(folder, held, device)
-    print(f"streaming {args.model or 'the reference model'} one layer at a time on {device} in "
-          f"{str(held).removeprefix('torch.')}; calibration {tuple(calib.shape)} tokens")
-    t1 = time.perf_counter()
-    pruned = prune_streamed(stream, args.method, args.ratio, calib.to(device), seed=args.seed,
-                            **method_settings(args))
-    prune_s = time.perf_counter() - t1
-    comparison = LayerwiseComparison(stream.model, stream.adapter, pruned.result.plan,
-                                     token_stream(tokenizer, load_text(TEST_TEXT)), args.seq_len,
-                                     args.eval_windows) if args.eval_windows else None
-    return export_streamed(stream, pruned, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
-                           overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size,
-                           comparison=comparison, extra=_extra(args, prune_s))
+                  comparison=comparison, extra=_extra(args, prune_s), parity_scope=args.parity_scope)
 
 
 def _extra(args, prune_s: float) -> dict:
@@ -213,16 +190,20 @@ def _extra(args, prune_s: float) -> dict:
             else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
 
 
-def _quality(model, result, tokenizer, args, device, calib) -> dict:
-    """Held-out perplexity / KL of the slim model for the report (the slim model is freed on return)."""
-    from compress.adapters import get_adapter
+def _quality(source, result, tokenizer, args, device, calib) -> tuple[dict, object]:
+    """The report's held-out perplexity / KL: (figures of the whole slim model run now, None), the
+    slim model freed on return; for a streamed model, never whole, ({}, a LayerwiseComparison that
+    export runs beside the layers)."""
     from compress.reference import TEST_TEXT
     from compress.probe import build_serving_model
     from compress.textdata import load_text, token_stream
-    from validation.quality import compare
+    from validation.quality import LayerwiseComparison, compare
 
-    slim = build_serving_model(model, get_adapter(model.config), result.plan, result.replaced, calib)
-    q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
-                max_windows=args.eval_windows, device=device)
+    text = token_stream(tokenizer, load_text(TEST_TEXT))
+    if source.streamed:
+        return {}, LayerwiseComparison(source.model, source.adapter, result.plan, text, args.seq_len,
+                                       args.eval_windows)
+    slim = build_serving_model(source.model, source.adapter, result.plan, result.replaced, calib)
+    q = compare(slim, source.model, text, seq_len=args.seq_len, max_windows=args.eval_windows, device=device)
     return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
-            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}, None
