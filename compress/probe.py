@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
+from compress.helpers import check_ratio
 from compress.plan import LayerPlan, Plan
 from compress.slim import SlimConfig, SlimForCausalLM
 
@@ -40,8 +41,8 @@ DEFAULTS = {"skip_layers": None, "heads": False, "positions": 0.5, "samples": 0.
 
 def probe_runtime(ratio: float, **settings) -> dict:
     """The `Plan.runtime` record of Probe Pruning at `ratio`."""
-    if not 0.0 < ratio < 1.0:
-        raise CompressError(f"the run-time ratio (--runtime-ratio) must be strictly between 0 and 1, got {ratio}")
+    check_ratio(ratio, "the run-time ratio (--runtime-ratio)",
+                "share of the slim model's decoder-layer linear weights skipped per batch")
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"probe: unknown settings {sorted(unknown)}")

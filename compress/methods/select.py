@@ -27,20 +27,16 @@ import math
 import torch
 
 from compress.adapters import Geometry
+from compress.helpers import check_ratio
 from compress.methods.base import Method, PruneResult
 from compress.plan import LayerPlan, Plan, linear_params
 
-__all__ = ["select", "check_ratio", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod",
+__all__ = ["select", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod",
            "GRANULARITIES", "ALLOCATIONS", "STANDARDIZATIONS"]
 
 GRANULARITIES = ("group", "head")
 ALLOCATIONS = ("uniform", "global")
 STANDARDIZATIONS = ("layer", "type")
-
-
-def check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
-        raise ValueError(f"ratio must be in (0, 1) (fraction of decoder-layer linear weights removed), got {ratio!r}")
 
 
 def head_units(g: Geometry, scores: torch.Tensor, granularity: str) -> tuple[list[list[int]], torch.Tensor]:
@@ -208,7 +204,7 @@ class ScoredMethod(Method):
     """A method that scores each layer's heads and MLP channels and lets `select` turn the scores
     into a plan. The work is split per layer (`layer_scores`, `layer_replaced`) so the same
     method runs on a model held in memory (`prune`) or streamed from disk one layer at a time
-    (compress/streaming.py): both paths compute the same numbers in the same order."""
+    (compress.source.DenseStream): both paths compute the same numbers in the same order."""
 
     defaults = {"head_granularity": "auto"}
     stats_parts: tuple[str, ...] = ()  # LayerParts whose input statistics `layer_scores` reads

@@ -47,7 +47,8 @@ from compress import memory
 from compress.adapters import Adapter, Geometry
 from compress.masking import replaced_weights
 from compress.methods.base import PruneResult, register
-from compress.methods.select import CalibratedMethod, check_ratio, resolve_granularity
+from compress.helpers import check_ratio
+from compress.methods.select import CalibratedMethod, resolve_granularity
 from compress.calibration import layer_inputs, run_layer
 from compress.methods.tyr_obs import (Pools, attention_pools, damped_inverse, layer_hessian, mlp_pools,
                                       progressive_obs)
