@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if record is not None:
         from dataclasses import asdict
 
-        record.write(args.json, f"Speed: {name}", title + ".", [{"markdown": table}],
+        record.write(args.json, f"Speed: {Path(str(name)).name}", title + ".", [{"markdown": table}],
                      device=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                      data={"rows": [asdict(r) for r in rows], "bandwidth": bandwidth, "batch": args.batch})
     for folder in args.slim:
