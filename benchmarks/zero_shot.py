@@ -1,7 +1,7 @@
 """Zero-shot accuracy of one model with lm-evaluation-harness, task by task, as a JSON record.
 
-Runs validation.zero_shot on each task in turn (the model loaded once per task, so each task's
-wall time is its own), prints the table and writes benchmarks/results/SECTION.json, from which
+Runs validation.zero_shot on each task (the model loaded once per task, so each task's wall time
+is its own; --jobs N runs N tasks at once, each in a process of its own), prints the table and writes benchmarks/results/SECTION.json, from which
 benchmarks/render_results.py renders RESULTS.md. Offline: the tasks read benchmarks/data/.
 
     OMP_NUM_THREADS=1 python benchmarks/zero_shot.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -11,8 +11,10 @@ benchmarks/render_results.py renders RESULTS.md. Offline: the tasks read benchma
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -30,6 +32,13 @@ def _percent(x):
     return None if x is None else 100 * x
 
 
+def _one(task: str, args: argparse.Namespace) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    res = zero_shot(args.model, [task], args.limit, args.task_data, batch_size=args.batch_size,
+                    trust_remote_code=args.trust_remote_code)
+    return res, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, Hub id or GGUF file")
@@ -37,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (all when not given)")
     p.add_argument("--task-data", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=1, help="tasks run at once, one process each")
     p.add_argument("--trust-remote-code", action="store_true", help="for slim folders (our own model code)")
     p.add_argument("--section", default="zero-shot", help="the record's name: benchmarks/results/SECTION.json")
     p.add_argument("--note", action="append", default=[], help="a note kept with the record (repeatable)")
@@ -44,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = Run(args.section, argv=None if argv is None else [sys.argv[0], *argv], notes=args.note)
     rows, results = [], {}
-    for task in args.tasks:
-        t0 = time.perf_counter()
-        res = zero_shot(args.model, [task], args.limit, args.task_data, batch_size=args.batch_size,
-                        trust_remote_code=args.trust_remote_code)
-        wall = time.perf_counter() - t0
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_one, args.tasks, [args] * len(args.tasks)))
+    for task, (res, wall) in zip(args.tasks, done):
         f = results[task] = {**res["tasks"][task], "wall_s": round(wall, 1)}
         rows.append({"task": task, "items": f"{f['items']} of {f['of']}", "acc": _percent(f.get("acc")),
                      "acc_stderr": _percent(f.get("acc_stderr")), "acc_norm": _percent(f.get("acc_norm")),
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f"the first {args.limit} items of each task" if args.limit else "every item of each task")
             + f", batch size {args.batch_size}, float32 on CPU. ± is lm-eval's standard error of the mean; "
               "acc_norm divides each choice's log-likelihood by its length in characters. Wall time includes "
-              "loading the model.")
+              f"loading the model (and, for a process's first task, importing torch and lm-eval); {args.jobs} "
+              "task(s) ran at once, one thread each.")
     run.write(RESULTS_DIR / f"{args.section}.json", title=f"Zero-shot accuracy: {Path(args.model).name}",
               text=text, tables=[table(COLUMNS, rows)],
               data={"model": str(args.model), "limit": args.limit, "tasks": results})
