@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from benchmarks.quality import record_options, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import record_options, save  # noqa: E402
 from compress.commands.bench import SHAPES  # noqa: E402
 from validation.record import Run, table  # noqa: E402
 

@@ -24,7 +24,7 @@ from compress.adapters import get_adapter  # noqa: E402
 from compress.loading import load_model, load_tokenizer  # noqa: E402
 from compress.reference import CALIB_TEXT, MODEL_DIR  # noqa: E402
 from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
-from quality import parse_variant, record_options, save  # noqa: E402
+from _bench import parse_variant, record_options, save  # noqa: E402
 from validation import parity  # noqa: E402
 from validation.mutations import mutate  # noqa: E402
 from validation.record import Run, table  # noqa: E402
