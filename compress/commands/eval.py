@@ -89,10 +89,18 @@ def _trusted(model: str | Path, asked: bool) -> bool:
     try:
         load_config(model, trust_remote_code=trusted)
     except CompressError as e:
-        if trusted or not any(k in str(e) for k in ("custom code", "trust_remote_code")):
+        if trusted or not (_own_code(model) or any(k in str(e) for k in ("custom code", "trust_remote_code"))):
             raise
-        raise CompressError(f"{e} Its code is run only with --trust-remote-code.") from None
+        raise CompressError(f"{e} (its own model code is run only with --trust-remote-code)") from None
     return trusted
+
+
+def _own_code(model: str | Path) -> bool:
+    """Whether a local folder's config.json names model code of its own (auto_map)."""
+    try:
+        return bool(json.loads((Path(model) / "config.json").read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
