@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,16 +28,18 @@ RESULTS_MD = HERE / "RESULTS.md"
 README = HERE.parent / "README.md"
 
 # Sections in reading order (any other record comes after these, by name).
-ORDER = ["quality-reference", "quality-reference-variants", "probe-reference", "tyr-reference",
-         "quality-smollm2", "parity-reference", "parity-smollm2", "speed", "memory-llama3.2-1b",
-         "memory-llama2-7b"]
+ORDER = ["quality-reference", "quality-smollm2", "zero-shot-smollm2", "probe-reference", "tyr-reference",
+         "disp-reference", "parity-reference", "parity-smollm2", "speed-smollm2", "speed-llama2-7b-shape",
+         "memory-llama3.2-1b", "memory-llama2-7b"]
 # Sections the documentation expects that have no record from the current code yet: how to make one.
 PLANNED = {
-    "quality-reference": "OMP_NUM_THREADS=1 python benchmarks/quality.py --section quality-reference",
+    "quality-reference": "python benchmarks/quality.py (every method on the reference model; after the new "
+                         "held-out evaluation lands)",
     "quality-smollm2": "python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
-                       "quality-smollm2 (a new held-out evaluation is coming first)",
-    "speed": "compress bench ... --json benchmarks/results/speed.json",
-    "memory-llama2-7b": "python benchmarks/memory.py --shape llama2-7b --section memory-llama2-7b",
+                       "quality-smollm2 (after the new held-out evaluation lands)",
+    "parity-smollm2": "python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
+                      "parity-smollm2",
+    "memory-llama2-7b": "python benchmarks/memory.py --shape llama2-7b",
 }
 HEADER = """\
 # Benchmark results
@@ -98,6 +101,19 @@ def _versions(v: dict) -> str:
     return ", ".join(f"{k} {val}" for k, val in v.items() if val is not None)
 
 
+def _command(command: str) -> str:
+    """The command line, each --note's text (shown under the section) elided."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    out, skip = [], False
+    for w in words:
+        out.append("..." if skip else (w if "=" in w and w.split("=")[0].isupper() else shlex.quote(w)))
+        skip = w == "--note"
+    return " ".join(out)
+
+
 def render_section(r: dict) -> list[str]:
     lines = [f'<a id="{r["section"]}"></a>', "", f"## {r['title']}", ""]
     if r.get("text"):
@@ -109,7 +125,7 @@ def render_section(r: dict) -> list[str]:
     src = r.get("source") or {}
     commit = src.get("commit")
     lines += [
-        f"- command: `{r['command']}`",
+        f"- command: `{_command(r['command'])}`",
         f"- run: {r.get('started', r['date'])}, {r['wall_s']:,.0f} s wall"
         + (f", commit {commit}{' with uncommitted changes in the tree' if src.get('modified') else ''}"
            if commit else ""),
