@@ -19,6 +19,7 @@ COMMANDS = {
     "onnx": ("compress.commands.onnx", "export an existing slim folder to ONNX and check parity"),
     "bench": ("compress.commands.bench", "prefill/decode speed, dense vs slim, PyTorch vs onnxruntime"),
     "push": ("compress.commands.push", "push an exported folder to the Hugging Face Hub"),
+    "recover": ("compress.commands.recover", "distil a slim folder's kept weights from its dense model"),
 }
 
 

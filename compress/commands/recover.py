@@ -1,0 +1,130 @@
+"""Recover what pruning cost: distil an exported slim folder's kept weights from its dense model.
+
+Reads the folder's plan and rewritten tensors, loads the dense model (the teacher), trains the
+slim model towards it (KL on the logits; see compress/recover/distill.py), and writes the folder
+again through the same export as `compress export` (staged, atomic, every parity check run). The
+plan is unchanged; the trained tensors go into replaced.safetensors under their dense names. The
+report gains a `recovery` entry: steps, tokens, time, learning rate, held-out KL before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+# The default compute budget, as the help states it (compress.training.BUDGETS).
+BUDGET_HELP = ("default: as many as fit about an hour of the device: 6e14 FLOPs on CPU, 1e18 on CUDA, at "
+               "2 x dense + 6 x slim decoder-linear-and-head weights FLOPs per token; at most 2,000 steps on CPU, "
+               "10,000 on CUDA (at ratio 0.5 on CPU: 2,000 for the shipped reference model, 773 for SmolLM2-135M)")
+
+
+def add_recover_arguments(p: argparse.ArgumentParser, prefix: str = "--recover-") -> None:
+    """Recovery's options: `compress export` takes them as --recover-steps ..., this command as --steps ..."""
+    from compress.recover import DEFAULTS
+
+    g = p.add_argument_group("recovery (knowledge distillation from the dense model)")
+    if prefix != "--":  # `compress export --recover`
+        g.add_argument("--recover", action="store_true",
+                       help="after pruning, distil the slim model's kept weights from the dense model (KL on the "
+                            "logits) before the export; see `compress recover --help`")
+    g.add_argument(f"{prefix}steps", dest="recover_steps", type=int, metavar="N", default=None,
+                   help=f"training steps of {prefix}batch-size windows ({BUDGET_HELP})")
+    g.add_argument(f"{prefix}lr", dest="recover_lr", type=float, metavar="LR", default=None,
+                   help=f"peak AdamW learning rate (warmup, cosine decay; default {DEFAULTS['lr']:g}, with LoRA "
+                        f"{DEFAULTS['lora_lr']:g})")
+    g.add_argument(f"{prefix}batch-size", dest="recover_batch_size", type=int, metavar="N", default=DEFAULTS["batch_size"],
+                   help="calibration windows per step")
+    g.add_argument(f"{prefix}lora", dest="recover_lora", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"train rank-{DEFAULTS['rank']} LoRA adapters (merged at the end; needs the [recover] extra, "
+                        "peft) instead of the kept weights themselves; default: LoRA only where full "
+                        "fine-tuning's optimizer state would not fit in memory")
+    g.add_argument(f"{prefix}hidden-weight", dest="recover_hidden_weight", type=float, metavar="W",
+                   default=DEFAULTS["hidden_weight"],
+                   help="weight of a per-layer loss on the residual stream (relative squared error of every "
+                        "decoder layer's output) added to the KL; 0: KL on the logits only")
+
+
+def recover_result(args: argparse.Namespace, model, result, calib):
+    """(the recovered result, its record): `recover` with the options of `add_recover_arguments`."""
+    from compress.recover import recover
+
+    rec = recover(model, result, calib, steps=args.recover_steps, lr=args.recover_lr, lora=args.recover_lora,
+                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size,
+                  hidden_weight=args.recover_hidden_weight)
+    return rec, rec.record
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from compress.commands.export import add_scope_argument
+
+    p.add_argument("folder", type=Path, help="a slim folder written by `compress export`")
+    p.add_argument("--teacher", default=None,
+                   help="the dense model the folder was pruned from: folder, Hub id or GGUF file (default: the "
+                        "one its report.json names)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: FOLDER-recovered)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (FOLDER itself too)")
+    p.add_argument("--device", default="auto", help="device to train on: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--calib", default=None, help="training text file (default: the shipped calibration slice)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="training windows (default: every window of the text, at most 512; up to 16 of them, a quarter at most, are held out for the KL before and after)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0, help="seed for batch order and initialisation")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="held-out test windows for the report's perplexity/KL (0 to skip)")
+    add_scope_argument(p)
+    add_recover_arguments(p, prefix="--")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from compress.adapters import get_adapter
+    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.methods.base import PruneResult
+    from compress.pipeline import export
+    from compress.plan import model_identity
+    from compress.reference import CALIB_TEXT
+    from compress.textdata import calibration_windows, load_text, token_stream
+    from validation.folder_checks import load_export
+    from validation.report import summary_lines
+
+    folder = args.folder.resolve()
+    out = (args.out or folder.with_name(folder.name + "-recovered")).resolve()
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    report, plan, replaced = load_export(folder)
+    base = args.teacher or report.get("base_model")
+    base = None if base in (None, "reference") else base
+    dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
+    device = resolve_device(args.device)
+    model = load_model(base, dtype="auto", export_dtype=dtype, device=device)
+    plan.check_identity(model_identity(model, get_adapter(model.config).geometry()))
+    tokenizer = load_tokenizer(folder)
+    calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
+                                args.calib_samples)
+    print(f"teacher {base or 'the reference model'} on {device}; training windows {tuple(calib.shape)}")
+    result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device))
+    quality = _quality(model, result, tokenizer, args, device) if args.eval_windows else {}
+    extra = {k: report[k] for k in ("base_model", "prune_seconds") if k in report}
+    final = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
+                   quality=quality, extra={**extra, "recovery": record}, parity_scope=args.parity_scope)
+    for line in summary_lines(final):
+        print(line)
+    print(f"wrote {out}")
+    return 0
+
+
+def _quality(model, result, tokenizer, args, device) -> dict:
+    """The report's held-out perplexity / KL of the recovered slim model on the shipped test slice."""
+    from compress.adapters import get_adapter
+    from compress.reference import TEST_TEXT
+    from compress.slimming import build_slim_model
+    from compress.textdata import load_text, token_stream
+    from validation.quality import compare
+
+    slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
+    q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
+                max_windows=args.eval_windows, device=device)
+    return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
+            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
