@@ -155,9 +155,8 @@ def _index_add(self, dim: int, index, source, alpha: float = 1.0):
 
 def _index_select(self, dim: int, index):
     """aten.index_select on the last axis -> GatherElements with the index expanded to the output's
-    shape: onnxruntime's CPU Gather copies one element per call along the last axis (11% of a
-    DISP-shaped SmolLM2 prefill), GatherElements loops over elements in one call. Other axes
-    (whole rows) stay Gather."""
+    shape: onnxruntime's CPU Gather copies one element per call along the last axis,
+    GatherElements loops over elements in one call. Other axes (whole rows) stay Gather."""
     rank = len(self.shape)
     axis = dim % rank
     if axis != rank - 1:

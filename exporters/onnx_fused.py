@@ -148,7 +148,7 @@ class _Residual:
 
     def read(self, y: str, index: str | None) -> str:
         """Channels `index` of a normed stream `y`. GatherElements, not Gather: onnxruntime's Gather
-        on the last axis copies one element per call (13% of SmolLM2's DISP prefill)."""
+        on the last axis copies one element per call."""
         return y if index is None else self.b.op("GatherElements", [y, self.expand(index)], axis=-1)
 
     def norm(self, module, name: str) -> str:
@@ -274,8 +274,7 @@ def build_fused(slim, layers: list[int], inputs: list[str], outputs: list[str], 
         h = res.read(res.norm(layer.post_attention_layernorm, f"{pre}.post_attention_layernorm"), idx["mlp_in"])
         y = None
         if mlp.width:
-            # Two MatMuls: one gate-up MatMul needs a Split, and measured no faster (SmolLM2's 30 MLPs,
-            # one decode step on 2 CPU threads: 8.2 ms as two, 8.5 ms fused).
+            # Two MatMuls: one gate-up MatMul needs a Split and was no faster at decode.
             if mlp.gated:
                 gate = b.linear(h, f"{pre}.mlp.gate_proj", groups[f"{pre}.mlp.gate_proj"])
                 up = b.linear(h, f"{pre}.mlp.up_proj", groups[f"{pre}.mlp.up_proj"])
