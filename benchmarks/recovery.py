@@ -5,8 +5,8 @@ For each method at --ratio: prune, then score the slim model (perplexity, KL(den
 agreement) on --test-windows windows spread evenly over the held-out test slice; then recover it
 for --steps steps and score again. For disp, the plan at --disp-steps is a snapshot of one run
 that goes on for as many more steps as cost the recovery's FLOPs (equal total compute). Variants
-of the recovery (--variants, on the first method): KL plus the per-layer hidden-state loss, and
-LoRA instead of full fine-tuning, at the same steps.
+of the recovery (--variants, on the first method): LoRA instead of full fine-tuning, at the same
+steps.
 
     OMP_NUM_THREADS=1 python benchmarks/recovery.py                    # reference model: disp, flap, tyr
     OMP_NUM_THREADS=1 python benchmarks/recovery.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -38,7 +38,7 @@ from quality import record_options, save  # noqa: E402
 from validation.quality import compare  # noqa: E402
 from validation.record import Run, table  # noqa: E402
 
-VARIANTS = {"KL + hidden": {"hidden_weight": 1.0}, "LoRA": {"lora": True}}
+VARIANTS = {"LoRA": {"lora": True}}
 
 
 def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None) -> torch.Tensor:
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
          f"{args.test_windows} windows of {args.seq_len} spread evenly over the test slice, dense perplexity "
          f"{rows[0]['dense']:.2f}. Recovery: {args.steps} steps of {DEFAULTS['batch_size']} x {args.seq_len} tokens, "
          f"AdamW (lr {DEFAULTS['lr']:g}, LoRA {DEFAULTS['lora_lr']:g}, rank {DEFAULTS['rank']}), warmup "
-         f"{DEFAULTS['warmup']:g} then cosine, KL(dense || slim) on the logits; `KL + hidden` adds the mean relative "
-         "squared error of every decoder layer's output (weight 1). Extra FLOPs: what was spent after the "
+         f"{DEFAULTS['warmup']:g} then cosine, KL(dense || slim) on the logits. Extra FLOPs: what was spent after the "
          "method's own run (recovery: 2 x dense + 6 x slim weights per token; DISP: its own 6 x dense per token); "
-         "extra s: wall time of that (DISP's: its run's time, pro rata). CPU, {torch.get_num_threads()} thread(s), float32, seed {args.seed}.",
+         "extra s: wall time of that (DISP's: its run's time, pro rata). "
+         f"CPU, {torch.get_num_threads()} thread(s), float32, seed {args.seed}.",
          [table(columns, rows)])
     return 0
 

@@ -39,10 +39,6 @@ def add_recover_arguments(p: argparse.ArgumentParser, prefix: str = "--recover-"
                    help=f"train rank-{DEFAULTS['rank']} LoRA adapters (merged at the end; needs the [recover] extra, "
                         "peft) instead of the kept weights themselves; default: LoRA only where full "
                         "fine-tuning's optimizer state would not fit in memory")
-    g.add_argument(f"{prefix}hidden-weight", dest="recover_hidden_weight", type=float, metavar="W",
-                   default=DEFAULTS["hidden_weight"],
-                   help="weight of a per-layer loss on the residual stream (relative squared error of every "
-                        "decoder layer's output) added to the KL; 0: KL on the logits only")
 
 
 def recover_result(args: argparse.Namespace, model, result, calib):
@@ -50,8 +46,7 @@ def recover_result(args: argparse.Namespace, model, result, calib):
     from compress.recover import recover
 
     rec = recover(model, result, calib, steps=args.recover_steps, lr=args.recover_lr, lora=args.recover_lora,
-                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size,
-                  hidden_weight=args.recover_hidden_weight)
+                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size)
     return rec, rec.record
 
 

@@ -8,8 +8,7 @@ torch); `recover` and `Recovered`, and torch with them, are imported on first us
 __all__ = ["recover", "Recovered", "DEFAULTS"]
 
 # lr: full fine-tuning / LoRA; `eval_windows`: held-out calibration windows for the before/after KL.
-DEFAULTS = {"batch_size": 4, "lr": 3e-4, "lora_lr": 1e-3, "rank": 16, "warmup": 0.05, "hidden_weight": 0.0,
-            "eval_windows": 16}
+DEFAULTS = {"batch_size": 4, "lr": 3e-4, "lora_lr": 1e-3, "rank": 16, "warmup": 0.05, "eval_windows": 16}
 
 
 def __getattr__(name: str):

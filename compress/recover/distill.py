@@ -4,9 +4,9 @@ Pruning removes weights with no way back; the peers that prune hard recover what
 training what is left (LLM-Pruner with LoRA, Sheared-LLaMA and Minitron with continued training
 and distillation from the dense model). Here the teacher is the dense model itself, the student
 the slim model `build_slim_model` makes from the dense model, the plan and `replaced`, and the loss
-is KL(teacher || student) per token on the logits (temperature 1), optionally plus `hidden_weight`
-times the mean relative squared error of every decoder layer's output (the residual stream, whole
-width in both models). AdamW with linear warmup and cosine decay, gradients clipped at norm 1; on
+is KL(teacher || student) per token on the logits (temperature 1). (A per-layer loss on the
+residual stream, the relative squared error of every decoder layer's output, was tried beside it
+and made the KL worse at equal steps: benchmarks/results/recovery-reference.json.) AdamW with linear warmup and cosine decay, gradients clipped at norm 1; on
 CUDA bf16 autocast and each student layer checkpointed. Only decoder-layer tensors and the final
 norm train (see `writeback.TRAINED_PREFIXES`); with LoRA, adapters on the layers' linears, merged
 at the end.
@@ -90,32 +90,6 @@ def held_out_kl(student, teacher, windows: torch.Tensor, batch_size: int = 4) ->
     return total / tokens
 
 
-class _LayerOutputs:
-    """Each decoder layer's output (the residual stream after it) during a forward."""
-
-    def __init__(self, layers):
-        self.outputs: list[torch.Tensor] = []
-        self.handles = [layer.register_forward_hook(self._keep) for layer in layers]
-
-    def _keep(self, module, args, out):
-        self.outputs.append(out[0] if isinstance(out, tuple) else out)
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.outputs = self.outputs, []
-        return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _hidden_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of |h_s - h_t|^2 / |h_t|^2: each layer counts alike, whatever its scale."""
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
-             for s, t in zip(student_out, teacher_out, strict=True)]
-    return torch.stack(terms).mean()
-
-
 def _schedule(opt, steps: int, warmup: float):
     """Linear warmup over `warmup` of the steps, then cosine decay to zero."""
     w = max(1, round(warmup * steps))
@@ -163,7 +137,7 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
     with frozen(model):
         kl_before = held_out_kl(student, model, held_out)
         t0 = time.perf_counter()
-        trained, trace = _train(model, adapter, student, calib, gen, steps, lr, lora, s, progress)
+        trained, trace = _train(model, student, calib, gen, steps, lr, lora, s, progress)
         seconds = time.perf_counter() - t0
         kl_after = held_out_kl(trained, model, held_out)
     before = slim_state_dict(model, adapter, plan, result.replaced)
@@ -174,7 +148,7 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
     check_round_trip(model, adapter, plan, replaced, tensors)
     record = {"steps": steps, "tokens": steps * tokens, "seconds": round(seconds, 1), "lr": lr, "lora": lora,
               "rank": s["rank"] if lora else None, "batch_size": s["batch_size"], "seq_len": calib.shape[1],
-              "hidden_weight": s["hidden_weight"], "warmup": s["warmup"], "seed": seed,
+              "warmup": s["warmup"], "seed": seed,
               "train_windows": calib.shape[0], "held_out_windows": held_out.shape[0],
               "held_out_kl_before": kl_before, "held_out_kl_after": kl_after,
               "train_kl_first": trace[0], "train_kl_last": sum(trace[-10:]) / len(trace[-10:]),
@@ -183,7 +157,7 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
     return Recovered(plan, replaced, record)
 
 
-def _train(model, adapter, student, calib, gen, steps: int, lr: float, lora: bool, s: dict, progress: bool):
+def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dict, progress: bool):
     """The training loop: (the trained plain student, the training KL of every step)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -191,35 +165,24 @@ def _train(model, adapter, student, calib, gen, steps: int, lr: float, lora: boo
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, s["warmup"])
-    hidden = s["hidden_weight"] > 0
-    taps = (_LayerOutputs(adapter.layers(model)), _LayerOutputs(student.model.layers)) if hidden else None
     ckpt = checkpointed(student.model.layers) if cuda else contextlib.nullcontext()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     trace, running = [], None
     bar = tqdm(range(steps), desc="recover", unit="step", dynamic_ncols=True, disable=not progress)
     stream = Batches(calib, s["batch_size"], gen)
-    try:
-        with ckpt:
-            for _ in bar:
-                x = next(stream).to(device)
-                for tap in taps or ():
-                    tap.take()
-                with torch.no_grad(), autocast:
-                    teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)
-                with autocast:
-                    kl = _kl(net(input_ids=x, use_cache=False).logits, teacher)
-                    loss = kl
-                    if hidden:
-                        loss = loss + s["hidden_weight"] * _hidden_loss(taps[1].take(), taps[0].take())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                trace.append(kl.item())
-                running = trace[-1] if running is None else 0.95 * running + 0.05 * trace[-1]
-                bar.set_postfix({"kl": f"{running:.4f}"})
-    finally:
-        for tap in taps or ():
-            tap.close()
+    with ckpt:
+        for _ in bar:
+            x = next(stream).to(device)
+            with torch.no_grad(), autocast:
+                teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)
+            with autocast:
+                kl = _kl(net(input_ids=x, use_cache=False).logits, teacher)
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            trace.append(kl.item())
+            running = trace[-1] if running is None else 0.95 * running + 0.05 * trace[-1]
+            bar.set_postfix({"kl": f"{running:.4f}"})
     return (merge_lora(net) if lora else net).eval(), trace
