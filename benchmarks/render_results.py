@@ -31,15 +31,15 @@ README = HERE.parent / "README.md"
 ORDER = ["quality-reference", "quality-smollm2", "zero-shot-smollm2", "probe-reference", "tyr-reference",
          "disp-reference", "parity-reference", "parity-smollm2", "speed-smollm2", "speed-llama2-7b-shape",
          "memory-llama3.2-1b", "memory-llama2-7b"]
-# Sections the documentation expects that have no record from the current code yet: how to make one.
+# Sections the documentation expects that have no record from the current code yet: (command, note).
 PLANNED = {
-    "quality-reference": "python benchmarks/quality.py (every method on the reference model; after the new "
-                         "held-out evaluation lands)",
-    "quality-smollm2": "python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
-                       "quality-smollm2 (after the new held-out evaluation lands)",
-    "parity-smollm2": "python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
-                      "parity-smollm2",
-    "memory-llama2-7b": "python benchmarks/memory.py --shape llama2-7b",
+    "quality-reference": ("python benchmarks/quality.py", "every method on the reference model; after the new "
+                                                          "held-out evaluation lands"),
+    "quality-smollm2": ("python benchmarks/quality.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
+                        "quality-smollm2", "after the new held-out evaluation lands"),
+    "parity-smollm2": ("python benchmarks/parity_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --section "
+                       "parity-smollm2", ""),
+    "memory-llama2-7b": ("python benchmarks/memory.py --shape llama2-7b", "writes a 13.5 GB checkpoint"),
 }
 HEADER = """\
 # Benchmark results
@@ -148,7 +148,7 @@ def render(folder: Path = RESULTS_DIR) -> str:
     missing = [(k, v) for k, v in PLANNED.items() if k not in {r["section"] for r in records}]
     if missing:
         lines += ["Not measured with the current code yet (no record in `results/`):", ""]
-        lines += [f"- `{k}`: `{v}`" for k, v in missing]
+        lines += [f"- `{k}`: `{cmd}`" + (f" ({note})" if note else "") for k, (cmd, note) in missing]
         lines.append("")
     for r in records:
         lines += render_section(r)
