@@ -17,6 +17,7 @@ COMMANDS = {
     "validate": ("compress.commands.validate", "re-run the parity checks of an exported folder"),
     "eval": ("compress.commands.eval", "perplexity, KL divergence and top-1 agreement of a model"),
     "onnx": ("compress.commands.onnx", "export an existing slim folder to ONNX and check parity"),
+    "gguf": ("compress.commands.gguf", "write a slim folder as one GGUF file that llama.cpp runs, checked in llama.cpp"),
     "bench": ("compress.commands.bench", "prefill/decode speed, dense vs slim, PyTorch vs onnxruntime"),
     "push": ("compress.commands.push", "push an exported folder to the Hugging Face Hub"),
     "recover": ("compress.commands.recover", "distil a slim folder's kept weights from its dense model"),
