@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from compress.checkpoint import StateStore
+from compress.distributed import World
 from compress.errors import CompressError
 from compress.helpers import check_ratio, dtype_name
 from compress.methods import METHODS, PruneResult
@@ -55,14 +57,19 @@ class StreamedResult(PruneResult):
     stats: list = field(default_factory=list)
 
 
-def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, seed: int = 0,
-          **settings) -> PruneResult:
-    """Run a pruning method; the returned plan carries the model's identity and the settings used."""
+def prune(model, method: str, ratio: float, calib: torch.Tensor | None = None, seed: int = 0, *,
+          store: StateStore | None = None, world: World | None = None, **settings) -> PruneResult:
+    """Run a pruning method; the returned plan carries the model's identity and the settings used.
+
+    A training method saves its state in `store` as it goes and resumes from it
+    (compress.checkpoint); a data-parallel one (DISP) shares its training with the processes of
+    `world` (compress.distributed), every one of which calls `prune` alike."""
     source = as_source(model)
     check_ratio(ratio)
     if method not in METHODS:
         raise CompressError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
     m = METHODS[method](**settings)
+    m.store, m.world = store, world or World()
     if source.streamed and not m.streamable:
         raise CompressError(f"{NOT_STREAMABLE.format(method)}; use --streaming off")
     if m.needs_calibration and calib is None:

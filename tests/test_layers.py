@@ -27,7 +27,8 @@ LAYERS = [
     # reading and writing safetensors folders; loading models, GGUF files and text
     ["exporters.hf_folder", "compress.loading", "compress.gguf_folder", "compress.textdata", "compress.corpus",
      "compress.source"],
-    ["compress.calibration", "compress.masking", "compress.slimming", "compress.training"],
+    ["compress.distributed"],
+    ["compress.calibration", "compress.masking", "compress.slimming", "compress.training", "compress.checkpoint"],
     ["compress.probe"],
     ["compress.methods", "compress.random_plan"],
     ["compress.recover"],
@@ -37,7 +38,7 @@ LAYERS = [
     ["validation"],
     ["compress.speed"],
     ["compress.pipeline", "exporters.hub", "exporters.model_card", "exporters.gguf_card"],
-    ["compress.commands", "compress.cli"],
+    ["compress.commands", "compress.cli", "compress.__main__"],
 ]
 
 

@@ -16,6 +16,7 @@ from compress.errors import CompressError
 from compress.helpers import check_ratio
 from compress.methods import METHODS
 from compress.pipeline import export, prune, streaming_for
+from compress.commands.ranks import add_arguments as add_ranks_arguments
 
 DEFAULT_METHOD = "disp"
 
@@ -79,6 +80,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "reads the config only")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
+    add_ranks_arguments(p)
     for name in sorted(METHODS):
         cls = METHODS[name]
         group = p.add_argument_group(f"{name} options")
@@ -91,17 +93,24 @@ def method_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compress.commands.ranks import run_ranks
+
+    check_ratio(args.ratio)
+    if args.dry_run:
+        return _dry_run(args)
+    return run_ranks(args, _run, METHODS[args.method].data_parallel)
+
+
+def _run(args: argparse.Namespace, session) -> int:
+    """The export, in this process's part of the run (`compress.commands.ranks.Session`)."""
     from compress.helpers import dtype_name
-    from compress.loading import load_tokenizer, resolve_device, resolve_dtype
+    from compress.loading import load_tokenizer, resolve_dtype
     from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
     from compress.source import open_source
     from compress.textdata import calibration_windows, load_text, token_stream
     from exporters.hf_folder import parse_size
 
-    check_ratio(args.ratio)
-    if args.dry_run:
-        return _dry_run(args)
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
     runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
                             heads=args.probe_heads) if args.runtime == "probe" else None
@@ -115,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
         require_token()
     parse_size(args.max_shard_size)
-    dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
+    dtype, device = resolve_dtype(args.dtype), session.device
     t0 = time.perf_counter()
     folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
     tokenizer = load_tokenizer(args.model)
@@ -125,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     how = "streaming {} one layer at a time" if source.streamed else "loaded {}"
     print(f"{how.format(args.model or 'the reference model')} on {device} in {dtype_name(source.dtype)}; "
           f"calibration {tuple(calib.shape)} tokens")
-    report = _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime)
+    report = _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, session)
+    if report is None:  # a rank other than 0, its share of training done
+        return session.wait()
     if args.onnx:
         from compress.commands.onnx import export_folder_onnx
 
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         from exporters.hub import push_folder
 
         print(f"pushed {out} to {push_folder(out, args.push_to_hub, include_onnx=args.onnx)}")
+    session.done()
     return 0
 
 
@@ -169,10 +181,15 @@ def _dry_run(args) -> int:
     return 0
 
 
-def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime) -> dict:
-    """`prune` and `export` over the dense model's layers, held or streamed; the report."""
+def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, session) -> dict | None:
+    """`prune` and `export` over the dense model's layers, held or streamed; the report (None on a
+    rank other than 0: it trains, rank 0 writes)."""
     t1 = time.perf_counter()
-    result = prune(source, args.method, args.ratio, calib.to(device), seed=args.seed, **method_settings(args))
+    result = prune(source, args.method, args.ratio, calib.to(device), seed=args.seed, **session.prune_options(),
+                   **method_settings(args))
+    if not session.world.writer:
+        return None
+    session.trained = True
     if runtime:
         if result.plan.runtime:
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")

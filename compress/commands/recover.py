@@ -41,17 +41,19 @@ def add_recover_arguments(p: argparse.ArgumentParser, prefix: str = "--recover-"
                         "fine-tuning's optimizer state would not fit in memory")
 
 
-def recover_result(args: argparse.Namespace, model, result, calib):
-    """(the recovered result, its record): `recover` with the options of `add_recover_arguments`."""
+def recover_result(args: argparse.Namespace, model, result, calib, store=None):
+    """(the recovered result, its record): `recover` with the options of `add_recover_arguments`, its
+    state kept in `store` (compress.checkpoint.StateStore)."""
     from compress.recover import recover
 
     rec = recover(model, result, calib, steps=args.recover_steps, lr=args.recover_lr, lora=args.recover_lora,
-                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size)
+                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size, store=store)
     return rec, rec.record
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     from compress.commands.export import add_scope_argument
+    from compress.commands.ranks import add_save_argument
 
     p.add_argument("folder", type=Path, help="a slim folder written by `compress export`")
     p.add_argument("--teacher", default=None,
@@ -68,6 +70,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=32,
                    help="held-out test windows for the report's perplexity/KL (0 to skip)")
     add_scope_argument(p)
+    add_save_argument(p)
     add_recover_arguments(p, prefix="--")
 
 
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from compress.adapters import get_adapter
+    from compress.checkpoint import StateStore, partial_folder
     from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from compress.methods.base import PruneResult
     from compress.pipeline import export
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
                                 args.calib_samples)
     print(f"teacher {base or 'the reference model'} on {device}; training windows {tuple(calib.shape)}")
-    result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device))
+    store = StateStore(partial_folder(out), args.save_every) if args.save_every > 0 else None
+    result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device), store)
     quality = _quality(model, result, tokenizer, args, device) if args.eval_windows else {}
     extra = {k: report[k] for k in ("base_model", "prune_seconds") if k in report}
     final = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(final):
         print(line)
     print(f"wrote {out}")
+    if store is not None:
+        store.remove()
     return 0
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from compress.adapters import Adapter
+from compress.checkpoint import StateStore
+from compress.distributed import World
 from compress.plan import Plan
 
 __all__ = ["PruneResult", "Method", "register", "METHODS"]
@@ -34,6 +36,11 @@ class Method:
     needs_calibration: bool = True
     defaults: dict = {}
     streamable: bool = False  # can prune a model streamed from disk one layer at a time (ScoredMethod)
+    # Set by `prune`: where a training method keeps resumable state (None: nowhere), and the
+    # processes it shares its work with; a method that shares none runs on rank 0 alone.
+    store: StateStore | None = None
+    world: World = World()
+    data_parallel: bool = False
 
     def __init__(self, **settings):
         unknown = set(settings) - set(self.defaults)

@@ -40,6 +40,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -49,6 +50,8 @@ from compress.methods.base import Method, PruneResult, register
 from compress.methods.refit import refit_plan
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
+from compress.checkpoint import Checkpoint, fingerprint
+from compress.training import Batches
 
 __all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
 
@@ -110,6 +113,7 @@ class DISP(Method):
     defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "objective": "lm",
                 "refit": 0, "layer_targets": None}
     snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
+    data_parallel = True  # each rank trains on its share of every global batch (--batch-size is global)
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -146,10 +150,12 @@ class DISP(Method):
         steps = self.settings["steps"] or default_steps(model, g, self.settings["batch_size"], calib.shape[1])
         gen = torch.Generator().manual_seed(seed)
         hyper = HyperNetwork([w for _ in range(g.num_layers) for _, w in kinds], gen)
-        self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps)
+        run = fingerprint(model, adapter, calib, method=self.name, ratio=ratio, seed=seed,
+                          **{**self.settings, "steps": steps})
+        self._train(model, adapter, hyper, kinds, ratio, calib, gen, steps, run)
         plan = self._plan(g, hyper, kinds, ratio)
         plan.settings = {"steps": steps}  # the resolved default, for the record
-        if not self.settings["refit"]:
+        if not self.settings["refit"] or not self.world.writer:  # only rank 0 writes the refit tensors
             return PruneResult(plan)
         return PruneResult(plan, refit_plan(model, adapter, plan, calib[:self.settings["refit"]]))
 
@@ -186,25 +192,31 @@ class DISP(Method):
             lm = F.cross_entropy(out.float().flatten(0, 1), _next_tokens(x).flatten(), ignore_index=-100)
         return lm, hard
 
-    def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int) -> None:
-        s, g = self.settings, adapter.geometry()
+    def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int, run: dict) -> None:
+        """`run`: the fingerprint a saved state must match to be resumed."""
+        s, g, world = self.settings, adapter.geometry(), self.world
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
-        self.trace = []  # (loss, lm loss, kept fraction) per step: how training went
         self.snapshots = {}  # step -> the plan `--steps step` gives (same seed, constant lr): a steps curve
         hyper.to(device).train()
+        net = hyper if world.size == 1 else DistributedDataParallel(hyper, forward_sync_buffers=False)
         opt = torch.optim.AdamW(hyper.parameters(), lr=s["lr"], weight_decay=0.05)
         total = g.num_layers * linear_params(g)
         target = (1.0 - ratio) * total
         layer_targets = self.settings["layer_targets"]
         if layer_targets is not None:  # a floor: a layer's masks cannot go below one channel each
             layer_targets = [max(t, 0.01) * linear_params(g) for t in layer_targets]
-        batches = _batches(calib, s["batch_size"], gen)
+        stream = Batches(calib, s["batch_size"], gen)
+        state = Checkpoint(self.store, "disp", run, {"hyper": hyper, "optimizer": opt, "generator": gen,
+                                                     "batches": stream}, device)
+        start, saved = state.restore()
+        self.trace = [tuple(t) for t in saved.get("trace", [])]  # (loss, lm loss, kept fraction) per step
         ckpt = _checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
-        bar = tqdm(range(steps), desc="disp", unit="step", dynamic_ncols=True)
-        with _frozen(model), ckpt:
+        bar = tqdm(range(start, steps), desc="disp", unit="step", dynamic_ncols=True, initial=start, total=steps,
+                   disable=not world.writer)
+        with _frozen(model), ckpt, state:
             for step in bar:
-                lm, hard = self._masked_loss(model, adapter, hyper, kinds, next(batches).to(device), gen)
+                lm, hard = self._masked_loss(model, adapter, net, kinds, world.share(next(stream)).to(device), gen)
                 per_layer = [_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds)]
                 kept = sum(per_layer)
                 if layer_targets is None:
@@ -214,10 +226,12 @@ class DISP(Method):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                self.trace.append((loss.item(), lm.item(), kept.item() / total))
-                bar.set_postfix({s["objective"]: f"{lm.item():.3f}", "kept": f"{kept.item() / total:.3f}"})
+                both = world.mean(torch.stack([loss.detach(), lm.detach()])).tolist()  # over the global batch
+                self.trace.append((*both, kept.item() / total))
+                bar.set_postfix({s["objective"]: f"{both[1]:.3f}", "kept": f"{kept.item() / total:.3f}"})
                 if step + 1 in self.snapshot_steps and step + 1 < steps:
                     self.snapshots[step + 1] = self._plan(g, hyper, kinds, ratio)
+                state.after_step(step + 1, steps, {"trace": self.trace})
         hyper.eval()
 
 
@@ -244,16 +258,6 @@ def _by_layer(flat: list[torch.Tensor], kinds) -> list[dict[str, torch.Tensor]]:
 def _next_tokens(x: torch.Tensor) -> torch.Tensor:
     """Targets aligned with the logits (last position ignored): no slice of the big logits tensor."""
     return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
-
-
-def _batches(calib: torch.Tensor, batch_size: int, gen: torch.Generator):
-    """Endless batches of calibration windows, reshuffled every epoch by `gen`."""
-    n = calib.shape[0]
-    b = max(1, min(batch_size, n))
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - b + 1, b):
-            yield calib[order[i:i + b].to(calib.device)]
 
 
 def select(g: Geometry, scores: list[dict[str, torch.Tensor]], ratio: float) -> list[dict[str, torch.Tensor]]:

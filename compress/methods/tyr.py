@@ -154,6 +154,7 @@ class Tyr(CalibratedMethod):
 
     name = "tyr"
     streamable = False  # its supernet search runs the whole model
+    data_parallel = True  # the ranks score the candidates in turns (the rest runs on each, alike)
     defaults = {**CalibratedMethod.defaults, "levels": 4, "iterations": 3, "generations": 6, "offspring": 16,
                 "fidelity_windows": [1, 4, 16], "hessian_windows": 64, "candidate_batch": None}
 
@@ -296,12 +297,13 @@ class Tyr(CalibratedMethod):
 
         Up to `candidate_batch` candidates share a forward: the batch holds each candidate's copy
         of the windows, and o_proj / down_proj apply each candidate's own weights to its part
-        (a batched matmul), which is what keeps a GPU busy on one-window fidelities.
+        (a batched matmul), which is what keeps a GPU busy on one-window fidelities. Several ranks
+        score the candidates in turns and exchange the scores.
         """
         group = self.settings["candidate_batch"] or (8 if windows.is_cuda else 1)
-        out = []
-        for a in range(0, len(cands), group):
-            chunk = cands[a:a + group]
+        out, mine = [], self.world.turns(cands)
+        for a in range(0, len(mine), group):
+            chunk = mine[a:a + group]
             if len(chunk) == 1:
                 repl = {name: variants[i][chunk[0][i]] for i, name in enumerate(space.names)}
                 with replaced_weights(model, repl):
@@ -311,7 +313,7 @@ class Tyr(CalibratedMethod):
             stacks = [torch.stack([variants[i][c[i]] for c in chunk]) for i in range(len(space.modules))]
             with _per_candidate(space.modules, stacks):
                 out += self._grouped_kl(model, windows, dense, len(chunk))
-        return out
+        return self.world.gather(out, len(cands), dense.device)
 
     def _grouped_kl(self, model, windows, dense, G: int) -> list[float]:
         b = max(1, self.settings["calib_batch_size"] // G)

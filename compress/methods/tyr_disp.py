@@ -29,12 +29,16 @@ class TyrDisp(Method):
     name = "tyr+disp"
     needs_calibration = True
     defaults = {**Tyr.defaults, **{k: DISP.defaults[k] for k in _DISP_KEYS}, "refit": 64}
+    data_parallel = True  # Týr's candidates scored in turns, DISP's batches split (see each)
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         g = adapter.geometry()
-        searched = Tyr(**{k: self.settings[k] for k in Tyr.defaults}).prune(model, adapter, ratio, calib, seed).plan
+        tyr = Tyr(**{k: self.settings[k] for k in Tyr.defaults})
+        tyr.world = self.world
+        searched = tyr.prune(model, adapter, ratio, calib, seed).plan
         targets = [linear_params(g, lp) / linear_params(g) for lp in searched.layers]
         disp = DISP(**{k: self.settings[k] for k in _DISP_KEYS}, layer_targets=targets)
+        disp.store, disp.world = self.store, self.world
         result = disp.prune(model, adapter, ratio, calib, seed)
         self.trace = disp.trace
         result.plan.settings = {**result.plan.settings, "layer_targets": [round(t, 4) for t in targets]}

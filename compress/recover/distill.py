@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compress.adapters import get_adapter
+from compress.checkpoint import Checkpoint, StateStore, fingerprint, result_digest
 from compress.methods.base import PruneResult
 from compress.recover import DEFAULTS
 from compress.recover.budget import choose_lora, step_flops, training_bytes
@@ -104,13 +105,14 @@ def _schedule(opt, steps: int, warmup: float):
 
 def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | None = None, budget: float | None = None,
             lr: float | None = None, lora: bool | None = None, seed: int = 0, held_out: torch.Tensor | None = None,
-            progress: bool = True, **settings) -> Recovered:
+            progress: bool = True, store: StateStore | None = None, **settings) -> Recovered:
     """Distil the slim model of `result` from the dense `model` on calibration windows `calib`
     [n, seq_len]; returns the same plan with the trained tensors merged into `replaced`.
 
     steps: default what fits `budget` FLOPs (default: about an hour of the device, as DISP's;
     `compress.training.BUDGETS`). lora: None chooses from a memory estimate. held_out: windows for
-    the before/after KL (default: `eval_windows` calibration windows set aside). Other settings:
+    the before/after KL (default: `eval_windows` calibration windows set aside). store: where the
+    training state is saved as it goes and resumed from (compress.checkpoint). Other settings:
     `DEFAULTS`.
     """
     unknown = set(settings) - set(DEFAULTS)
@@ -137,7 +139,9 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
     with frozen(model):
         kl_before = held_out_kl(student, model, held_out)
         t0 = time.perf_counter()
-        trained, trace = _train(model, student, calib, gen, steps, lr, lora, s, progress)
+        run = fingerprint(model, adapter, calib, loop="recover", start=result_digest(plan, result.replaced),
+                          **{**s, "steps": steps, "lr": lr, "lora": lora, "seed": seed})
+        trained, trace = _train(model, student, calib, gen, steps, lr, lora, s, progress, store, run)
         seconds = time.perf_counter() - t0
         kl_after = held_out_kl(trained, model, held_out)
     before = slim_state_dict(model, adapter, plan, result.replaced)
@@ -157,8 +161,10 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
     return Recovered(plan, replaced, record)
 
 
-def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dict, progress: bool):
-    """The training loop: (the trained plain student, the training KL of every step)."""
+def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dict, progress: bool,
+           store: StateStore | None, run: dict):
+    """The training loop: (the trained plain student, the training KL of every step); its state saved
+    in `store` and resumed from there when `run`, its fingerprint, matches."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     net = add_lora(student, s["rank"]) if lora else student
@@ -167,11 +173,15 @@ def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dic
     sched = _schedule(opt, steps, s["warmup"])
     ckpt = checkpointed(student.model.layers) if cuda else contextlib.nullcontext()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    trace, running = [], None
-    bar = tqdm(range(steps), desc="recover", unit="step", dynamic_ncols=True, disable=not progress)
     stream = Batches(calib, s["batch_size"], gen)
-    with ckpt:
-        for _ in bar:
+    state = Checkpoint(store, "recover", run, {"student": net, "optimizer": opt, "scheduler": sched, "generator": gen,
+                                               "batches": stream}, device)
+    start, saved = state.restore()
+    trace, running = saved.get("trace", []), None
+    bar = tqdm(range(start, steps), desc="recover", unit="step", dynamic_ncols=True, disable=not progress,
+               initial=start, total=steps)
+    with ckpt, state:
+        for step in bar:
             x = next(stream).to(device)
             with torch.no_grad(), autocast:
                 teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)
@@ -185,4 +195,5 @@ def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dic
             trace.append(kl.item())
             running = trace[-1] if running is None else 0.95 * running + 0.05 * trace[-1]
             bar.set_postfix({"kl": f"{running:.4f}"})
+            state.after_step(step + 1, steps, {"trace": trace})
     return (merge_lora(net) if lora else net).eval(), trace
