@@ -105,7 +105,9 @@ def _check(folder: Path, path: Path, gguf_type: str, threads: int | None) -> dic
     """Parity (f32, enforced) or the cost of the type (others), and the tokenizer (enforced)."""
     import torch
 
-    from compress.loading import load_folder_model, load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from compress.loading import load_tokenizer
     from compress.reference import CALIB_TEXT, TEST_TEXT
     from compress.runtime.llamacpp_runner import LlamaCppModel
     from compress.textdata import load_text, token_stream, windows
@@ -113,7 +115,7 @@ def _check(folder: Path, path: Path, gguf_type: str, threads: int | None) -> dic
     from validation.parity import raise_on_failure
     from validation.quality import quantization_cost
 
-    slim = load_folder_model(folder, torch.float32)
+    slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(folder)
     model = LlamaCppModel(path, n_ctx=512, threads=threads, f32_cache=gguf_type == "f32")
     try:
