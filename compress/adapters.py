@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.errors import UnsupportedModelError
 
-__all__ = ["Geometry", "LayerParts", "FusedSlice", "Adapter", "get_adapter", "SUPPORTED_FAMILIES"]
+__all__ = ["Geometry", "LayerParts", "FusedSlice", "Adapter", "get_adapter", "adapter_class", "SUPPORTED_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -255,12 +255,16 @@ _ADAPTERS = (Adapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, OPTAdapter, Ph
 SUPPORTED_FAMILIES = {t: cls for cls in _ADAPTERS for t in cls.model_types}
 
 
-def get_adapter(config) -> Adapter:
-    """The adapter for a transformers config; a clear error naming the supported families otherwise."""
-    model_type = getattr(config, "model_type", None)
+def adapter_class(model_type: str | None, where: str = "") -> type[Adapter]:
+    """The adapter class of a model type; a one-line error naming the supported families otherwise
+    (`where`: the file that declared the type, to name it in the error)."""
     cls = SUPPORTED_FAMILIES.get(model_type)
     if cls is None:
-        raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
-        )
-    return cls(config)
+        raise UnsupportedModelError(f"{where + ': ' if where else ''}unsupported architecture {model_type!r}; "
+                                    f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}")
+    return cls
+
+
+def get_adapter(config) -> Adapter:
+    """The adapter for a transformers config; a clear error naming the supported families otherwise."""
+    return adapter_class(getattr(config, "model_type", None))(config)

@@ -25,7 +25,7 @@ def gguf_to_folder(path: str | Path, folder: str | Path, dtype: torch.dtype) -> 
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from compress.loading import load_config
+    from compress.loading import gguf_architecture, load_config
     from exporters.hf_folder import ShardWriter
 
     config = load_config(path)  # first: without the [gguf] extra, a one-line error naming it
@@ -40,9 +40,7 @@ def gguf_to_folder(path: str | Path, folder: str | Path, dtype: torch.dtype) -> 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     reader = GGUFReader(str(path))
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    processor = TENSOR_PROCESSORS.get(gguf_architecture(reader), TensorProcessor)(config=config.to_dict())
     mapping = get_gguf_hf_weights_map(model, processor)
     parsed = {"config": config.to_dict(), "tensors": {}}  # some processors store tensors here themselves
     wanted = set(model.state_dict())

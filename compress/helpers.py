@@ -13,13 +13,15 @@ from pathlib import Path
 from compress.errors import CompressError
 
 __all__ = ["positions", "head_rows", "dtype_name", "torch_dtype", "DTYPES", "ONNX_TYPES", "SAFETENSORS_CODES",
-           "check_ratio", "RatioError", "is_hub_id"]
+           "check_ratio", "RatioError", "is_hub_id", "SCOPES"]
 
 # The dtypes a model is loaded, pruned and exported in, by the names configs, reports and the
 # command line use: torch's own names (`torch_dtype` and `dtype_name` convert).
 DTYPES = ("float32", "float16", "bfloat16")
 # The dtypes of an ONNX export: ONNX's element type (TensorProto) and the type onnxruntime reports.
 ONNX_TYPES = {"float32": (1, "tensor(float)"), "float16": (10, "tensor(float16)")}
+# How much of the model a parity check runs at once (validation.parity.resolve_scope; --parity-scope).
+SCOPES = ("auto", "model", "layers")
 # safetensors' dtype codes, of every dtype a slim folder's tensors may have.
 SAFETENSORS_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}

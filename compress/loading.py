@@ -1,19 +1,33 @@
 """Loading checkpoints with one-line errors for bad input: Hugging Face folders (safetensors only,
 never pickle), Hub ids, and GGUF files (dequantized to the requested dtype by transformers' GGUF
-loader, which needs the `gguf` extra: pip install 'compress-llm[gguf]')."""
+loader, which needs the `gguf` extra: pip install 'compress-llm[gguf]').
+
+A model is checked in the order its user would fix it, each failure one line naming the file and
+the fix: the folder or file exists; its config.json; the architecture it declares; its weights
+(present, not pickle, every shard readable); then, on its own, the tokenizer.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from compress.adapters import adapter_class, get_adapter
 from compress.errors import CompressError
 from compress.helpers import DTYPES, is_hub_id, torch_dtype
+from exporters.hf_folder import open_safetensors
 
-__all__ = ["load_model", "load_dtype", "dense_params", "load_tokenizer", "resolve_dtype", "resolve_device", "default_model_dir"]
+__all__ = ["load_model", "load_dtype", "dense_params", "load_tokenizer", "resolve_dtype", "resolve_device",
+           "default_model_dir", "load_folder_model", "gguf_architecture"]
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# A folder's tokenizer: a tokenizers file, a sentencepiece model, or a BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def default_model_dir() -> Path:
@@ -41,10 +55,13 @@ def _source(name_or_path: str | Path | None) -> tuple[str, dict]:
     as its folder plus `gguf_file`."""
     path = Path(name_or_path) if name_or_path else default_model_dir()
     if path.suffix.lower() != ".gguf":
-        if not is_hub_id(name_or_path):
-            if not path.exists():
-                raise CompressError(f"{name_or_path}: no such model folder")
-            _check_local(path)
+        if is_hub_id(name_or_path):
+            _check_hub_id(str(name_or_path))
+        elif not path.exists():
+            raise CompressError(f"{name_or_path}: no such model folder")
+        elif not path.is_dir():
+            raise CompressError(f"{path} is a file: give the model folder that holds config.json and the "
+                                "*.safetensors weights, or a .gguf file")
         return str(path), {}
     if not path.is_file():
         raise CompressError(f"{path}: no such GGUF file")
@@ -54,19 +71,73 @@ def _source(name_or_path: str | Path | None) -> tuple[str, dict]:
     return str(path.resolve().parent), {"gguf_file": path.name}
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _one_line(e: Exception) -> str:
+    """An exception's whole message on one line (transformers' span several; the first alone may
+    stop mid-sentence)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
-def _check_local(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise CompressError(f"{path}: no config.json; not a Hugging Face model folder")
-    if not any(path.glob("*.safetensors")):
-        raise CompressError(f"{path}: no .safetensors weights (pickle checkpoints are not loaded)")
+def _check_hub_id(repo_id: str) -> None:
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
     try:
-        json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CompressError(f"{path}/config.json is corrupt: {e}") from None
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id either
+        cached = False
+    if is_offline_mode() and not cached:
+        raise CompressError(f"{repo_id}: no such local folder or file, and as a Hub id it is not in the Hugging Face "
+                            f"cache and cannot be downloaded offline (HF_HUB_OFFLINE is set): download it once "
+                            f"online (hf download {repo_id}) or give a local folder")
+
+
+def _check_folder(path: Path, trust_remote_code: bool) -> None:
+    """config.json, the architecture it declares (unless the folder's own code runs it), weights."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CompressError(f"{path}: no config.json, so not a Hugging Face model folder; give the folder that "
+                            "holds config.json and the *.safetensors weights")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise CompressError(f"{config_file} is not a JSON object ({_one_line(e)}); copy it again from the "
+                            "model's source") from None
+    if not trust_remote_code:
+        adapter_class(model_type, str(config_file))
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles:
+            raise CompressError(f"{path}: weights only as pickle ({pickles[0]}), which is never loaded (unpickling "
+                                "can run code); convert them to safetensors (save_pretrained writes them)")
+        raise CompressError(f"{path}: no *.safetensors weights; copy the model's weight files into the folder")
+    index = path / "model.safetensors.index.json"
+    try:
+        named = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CompressError(f"{index} is not a safetensors index ({_one_line(e)}); copy it again") from None
+    absent = sorted(name for name in named if not (path / name).is_file())
+    if absent:
+        raise CompressError(f"{index} names {absent[0]}, which is not in the folder; copy the missing shards")
+    for shard in shards:
+        with open_safetensors(shard):
+            pass
+
+
+def gguf_architecture(reader) -> str:
+    """The architecture a GGUF file declares (general.architecture), from its `gguf.GGUFReader`."""
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _check_gguf(path: Path) -> None:
+    """The GGUF file's architecture, checked before transformers parses the file."""
+    from gguf import GGUFReader
+
+    try:
+        arch = gguf_architecture(GGUFReader(str(path)))
+    except (ValueError, KeyError, OSError) as e:
+        raise CompressError(f"{path}: not a readable GGUF file ({_one_line(e)}); download or copy it again") from None
+    adapter_class(arch, str(path))
 
 
 # a float32 dense model may take this share of the available memory before `auto` holds a model
@@ -113,10 +184,39 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     if not kw:
         kw["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+        with _code_copy_removed(source, trust_remote_code):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **kw)
     except Exception as e:  # noqa: BLE001  safetensors, torch and transformers each raise their own types
-        raise CompressError(f"cannot load model {name_or_path or source}: {_first_line(e)}") from None
+        raise CompressError(f"cannot load model {name_or_path or source}: {_one_line(e)}") from None
     return model.to(device).eval()
+
+
+def load_folder_model(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A local folder's model run by the folder's own code (an export's modeling_slim.py), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    with _code_copy_removed(folder):
+        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
+
+
+@contextmanager
+def _code_copy_removed(folder: str | Path, runs_code: bool = True):
+    """transformers imports a local folder's model code (trust_remote_code: `runs_code`) from a copy
+    it makes, and keeps, under HF_MODULES_CACHE/transformers_modules/<the folder's name>; an export's
+    staging folder has a new random name every time (and tests' folders too), so a copy the load
+    inside made is removed once the classes are imported (one that was there before is left)."""
+    from transformers.dynamic_module_utils import _sanitize_module_name
+    from transformers.utils import HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME
+
+    name = _sanitize_module_name(Path(folder).resolve().name)
+    copy = Path(HF_MODULES_CACHE) / TRANSFORMERS_DYNAMIC_MODULE_NAME / name
+    made = runs_code and Path(folder).is_dir() and not copy.exists()
+    try:
+        yield
+    finally:
+        if made:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def load_config(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
@@ -124,13 +224,16 @@ def load_config(name_or_path: str | Path | None = None, trust_remote_code: bool 
     any weight is read."""
     from transformers import AutoConfig
 
-    from compress.adapters import get_adapter
-
     source, kw = _source(name_or_path)
+    if kw:
+        _check_gguf(Path(source) / kw["gguf_file"])
+    elif Path(source).is_dir():
+        _check_folder(Path(source), trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+        with _code_copy_removed(source, trust_remote_code):
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load config of {name_or_path or source}: {_first_line(e)}") from None
+        raise CompressError(f"cannot load config of {name_or_path or source}: {_one_line(e)}") from None
     if not trust_remote_code:
         get_adapter(config)
     return config
@@ -145,6 +248,9 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source, kw = _source(name_or_path)
+    if not kw and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise CompressError(f"{source}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+                            "the model it came from into the folder")
     cfg = Path(source) / "tokenizer_config.json"
     named = json.loads(cfg.read_text()).get("tokenizer_class") if not kw and cfg.is_file() else None
     # Our exports name this class; loading it directly skips transformers 5's look at config.json.
@@ -152,4 +258,4 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     try:
         return cls.from_pretrained(source, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load tokenizer from {name_or_path or source}: {_first_line(e)}") from None
+        raise CompressError(f"cannot load tokenizer from {name_or_path or source}: {_one_line(e)}") from None

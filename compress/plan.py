@@ -140,7 +140,8 @@ class Plan:
         for key, want in self.base.items():
             have = identity.get(key)
             if have != want:
-                raise PlanMismatchError(f"plan was made for a model with {key}={want!r}, this one has {have!r}")
+                raise PlanMismatchError(f"plan was made for a model with {key}={want!r}, this one has {have!r}; "
+                                        "give the dense model it was made from")
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

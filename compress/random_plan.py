@@ -1,9 +1,9 @@
 """Plans drawn at random in the shapes the methods make, for speed measurements on models whose
-weights do not matter (random-weight `--shape` models): widths and indexing decide the speed."""
+weights do not matter (random-weight `--shape` models): widths and indexing decide the speed.
+`compress bench`'s parser reads PLAN_SHAPES, so the module imports torch (with compress.plan) only
+when a plan is drawn."""
 
 import random
-
-from compress.plan import LayerPlan, Plan
 
 __all__ = ["PLAN_SHAPES", "random_plan"]
 
@@ -19,6 +19,8 @@ PLAN_SHAPES = {
 
 def random_plan(g, shape: str, ratio: float, seed: int = 0):
     """A plan of `shape` (see PLAN_SHAPES) removing `ratio` of the linear weights, indices drawn at random."""
+    from compress.plan import LayerPlan, Plan
+
     # per-layer scale of the kept fraction: 1 everywhere, or drawn once for the adaptive shape
     draw = random.Random(seed + 1)
     scales = [draw.uniform(0.5, 1.5) if shape == "adaptive" else 1.0 for _ in range(g.num_layers)]

@@ -17,13 +17,17 @@ MAX_CALIB_WINDOWS = 512  # the default takes every window of the calibration tex
 
 
 def load_text(path: str | Path) -> str:
-    """Read a UTF-8 text file; a missing or empty file is an error, not an empty corpus."""
+    """Read a UTF-8 text file; a missing, binary or empty file is an error, not an empty corpus."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); give a "
+                         "UTF-8 text file") from None
     if not text.strip():
-        raise ValueError(f"text file is empty: {p}")
+        raise ValueError(f"text file is empty: {p}; give a UTF-8 text file with text in it")
     return text
 
 

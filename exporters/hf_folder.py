@@ -1,19 +1,23 @@
 """Write a slim model as a Hugging Face folder: sharded safetensors, config, modeling code, tokenizer.
 
 Everything goes to a hidden staging folder beside the destination and is moved into place
-only when complete, so an interrupted export never leaves a half-written folder.
+only when complete, so an interrupted export never leaves a half-written folder. Folders are
+made with the user's umask (as mkdir makes them), so another user or a service can read the
+export where the umask lets them; and a destination that exists is replaced only where this
+tool wrote it, or it is empty.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -23,24 +27,53 @@ from compress.errors import CompressError
 from compress.helpers import SAFETENSORS_CODES, dtype_name
 from compress.slim import SOURCE_FILES
 
-__all__ = ["staged_folder", "ShardWriter", "write_weights", "weight_map", "tensors_differ", "open_safetensors", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
+__all__ = ["staged_folder", "check_destination", "EXPORT_FILES", "ShardWriter", "write_weights", "weight_map", "tensors_differ", "open_safetensors", "write_model_files", "weights_differ", "INDEX_FILE", "REPLACED_FILE"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPLACED_FILE = "replaced.safetensors"
+EXPORT_FILES = ("plan.json", "report.json")  # a folder `compress export` wrote holds these
+
+
+def check_destination(out: Path, overwrite: bool, ours: tuple[str, ...] = EXPORT_FILES) -> None:
+    """Refuse in one line, before any work, a destination that cannot be written or whose
+    contents would be lost: an existing `out` is replaced only with `overwrite`, and only where it
+    is empty or a folder this tool wrote (it holds one of `ours`); never a file or someone's folder."""
+    if out.is_file() or out.is_symlink():
+        raise FileExistsError(f"{out} already exists and is not a folder; write to another path")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not any((out / name).is_file() for name in ours):
+            raise FileExistsError(f"{out} already exists and holds files this tool did not write "
+                                  f"({', '.join(entries[:3])}); write to another path, or move them away "
+                                  f"(--overwrite replaces only a folder holding {' or '.join(ours)}, or an empty one)")
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    above = next(p for p in out.parents if p.exists())
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise CompressError(f"cannot write in {above} (permission denied or a read-only file system); "
+                            f"write to a folder you can write to")
 
 
 @contextmanager
-def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces `out`, on any error it is removed."""
+def staged_folder(out: str | Path, overwrite: bool = False, ours: tuple[str, ...] = EXPORT_FILES) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `out` (see `check_destination`), on any
+    error it is removed, with the folders above `out` that it had to make."""
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    check_destination(out, overwrite, ours)
+    made = [p for p in out.parents if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        staging.mkdir()  # mode 0o777 less the umask, as the user's own folders
         yield staging
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CompressError(f"no space left on the device while writing {out} (nothing was left behind); "
+                                "free some space there, or write elsewhere") from None
         raise
     old = None
     if out.exists():
@@ -76,7 +109,8 @@ def open_safetensors(path: Path) -> Iterator:
     try:
         f = safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error types
-        raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
+        raise CompressError(f"{path}: unreadable safetensors file ({e}); it is truncated or corrupt: copy or "
+                            "download it again") from None
     with f:
         yield f
 

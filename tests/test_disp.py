@@ -13,6 +13,7 @@ from compress.adapters import get_adapter
 from compress.masking import LayerMasks, masked, plan_masks, replaced_weights
 from compress.methods import METHODS
 from compress.methods.disp import DISP, _checkpointed, _frozen, build_plan, select, structures
+from compress.methods.options import add_method_arguments
 from compress.methods.refit import refit_plan
 from compress.methods.tyr_obs import DAMPING
 from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_params, relax
@@ -56,7 +57,7 @@ def _assert_parity(model, adapter, plan, tol=1e-5):
 def test_registered_with_cli_options():
     assert METHODS["disp"] is DISP
     parser = argparse.ArgumentParser()
-    DISP.add_arguments(parser.add_argument_group("disp"))
+    add_method_arguments(parser)
     args = parser.parse_args(["--lambda", "4", "--steps", "7", "--prune-heads", "--objective", "kl"])
     options = {k: v for k, v in DISP.defaults.items() if k != "layer_targets"}  # set by tyr+disp, no option
     assert {k: getattr(args, k) for k in options} == {**options, "lam": 4.0, "steps": 7, "prune_heads": True,

@@ -180,38 +180,3 @@ def _fails(argv, capsys, match):
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and match in errors[0] and err.endswith(errors[0]), err
-
-
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    dense = save_dense(tiny_model("llama"), tmp_path / "dense")
-    out = tmp_path / "out"
-    common = ["--method", "magnitude", *FAST]
-    _fails(["export", "--model", str(dense), "--ratio", "1.0", "--out", str(out), *common], capsys, "between 0 and 1")
-    _fails(["export", "--model", str(dense), "--ratio", "0", "--out", str(out), *common], capsys, "between 0 and 1")
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=4096)).save_pretrained(gpt2)
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(gpt2)
-    _fails(["export", "--model", str(gpt2), "--ratio", "0.3", "--out", str(out), *common], capsys, "supported: llama")
-    _fails(["export", "--model", str(tmp_path / "nope"), "--ratio", "0.3", "--out", str(out), *common], capsys,
-           "no such model folder")
-    broken = tmp_path / "broken"
-    save_dense(tiny_model("llama"), broken)
-    shard = next(broken.glob("*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _fails(["export", "--model", str(broken), "--ratio", "0.3", "--out", str(out), *common], capsys, "cannot load")
-    _fails(["export", "--model", str(broken), "--ratio", "0.3", "--out", str(out), "--streaming", "on", *common],
-           capsys, "unreadable safetensors")
-    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), "--max-shard-size", "big", *common],
-           capsys, "not a size")
-    short = tmp_path / "short.txt"
-    short.write_text("just a few words of text")
-    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), "--calib", str(short),
-            "--method", "wanda-sp", "--calib-samples", "8", "--seq-len", "32"], capsys, "text too short")
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    _fails(["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), *common], capsys, "already exists")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-

@@ -88,11 +88,10 @@ def _model_checks(source, plan: Plan, replaced: dict, folder: Path, dtype: torch
     del expected
     checks = [files, *run_parity(model, adapter, plan, replaced, ids)]
     if plan.runtime:
-        from transformers import AutoModelForCausalLM
-
+        from compress.loading import load_folder_model
         from validation.parity import probe_checks
 
-        served = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
+        served = load_folder_model(folder, dtype)
         checks += probe_checks(served, model, adapter, plan, replaced, ids)
     return checks
 

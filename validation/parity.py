@@ -36,7 +36,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.errors import ParityError
-from compress.helpers import dtype_name, positions
+from compress.helpers import SCOPES, dtype_name, positions
 from compress.masking import mask_layer, masked, plan_masks, replaced_weights
 from compress.plan import Plan
 from compress.slimming import build_slim_model
@@ -151,9 +151,6 @@ def run_parity(dense, adapter: Adapter, plan: Plan, replaced: dict | None, ids: 
         keep_all = build_slim_model(d, adapter, Plan.keep_all(g))
         checks.append(_check("identity", device, dname, _max_diff(_logits(d, x, m), _logits(keep_all, x, m), m)))
     return checks
-
-
-SCOPES = ("auto", "model", "layers")
 
 
 def resolve_scope(scope: str, params: int) -> str:
@@ -334,8 +331,7 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     room for float64 copies of the model) only the tensors are compared: they are the ones the
     layer-by-layer check ran.
     """
-    from transformers import AutoModelForCausalLM
-
+    from compress.loading import load_folder_model
     from exporters.hf_folder import weights_differ
 
     dtype = expected["model.embed_tokens.weight"].dtype
@@ -346,7 +342,7 @@ def check_files(folder: str | Path, dense, adapter: Adapter, plan: Plan, replace
     if scope == "layers":
         return Check("files", "cpu", name, 0.0, TOLERANCES["float64"], True,
                      "every tensor identical to the layer-checked slim tensors (model not run: layer scope)")
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float64).eval()
+    loaded = load_folder_model(folder, torch.float64)
     if getattr(loaded.model, "probing", False):  # Probe Pruning forced to keep everything: the static model
         from compress.probe import full_selection
 

@@ -22,9 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from exporters.onnx_fused import GENAI_NAME
+from compress.helpers import DTYPES
+from compress.threads import add_threads_argument
 
 SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -49,8 +48,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-plan", nargs="+", default=[], choices=list(PLAN_SHAPES),
                    help="with --ratio: draw plans of these shapes at random instead of running --method, one "
                         "row each: " + "; ".join(f"{k}: {v}" for k, v in PLAN_SHAPES.items()))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    add_threads_argument(p)
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=1)
@@ -79,6 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _dense(args, device, dtype):
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from compress.loading import load_model
@@ -94,11 +94,11 @@ def _dense(args, device, dtype):
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
+    import torch
 
     from compress.adapters import get_adapter
     from compress.errors import CompressError
-    from compress.loading import resolve_device, resolve_dtype
+    from compress.loading import load_folder_model, resolve_device, resolve_dtype
     from compress.pipeline import prune
     from compress.plan import Plan
     from compress.probe import build_serving_model
@@ -111,16 +111,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.random_plan and not args.ratio:
         raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     dense, name = _dense(args, device, dtype)
     adapter = get_adapter(dense.config)
     slims = {"dense": build_slim_model(dense, adapter, Plan.keep_all(adapter.geometry()))}
     for folder in args.slim:
-        slims[folder.name] = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True,
-                                                                  dtype=dtype).to(device).eval()
+        slims[folder.name] = load_folder_model(folder, dtype).to(device)
     calib = None
     for ratio in args.ratio:
         if calib is None and args.method != "magnitude":
@@ -190,7 +187,10 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
     (the peer's runtime)."""
     import importlib.util
 
+    import torch
+
     from exporters.onnx_export import export_onnx
+    from exporters.onnx_fused import GENAI_NAME
     from compress.runtime.onnx_runner import OnnxRunner, ort
     from compress.speed import genai_timer, onnx_timer
 
@@ -227,6 +227,8 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
     import subprocess
     import sys
 
+    import torch
+
     from compress.loading import load_tokenizer
     from exporters.onnx_quant import BLOCK_SIZE
     from compress.speed import genai_timer, peer_engine
@@ -259,6 +261,10 @@ def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path,
 def _genai_threads(folder: Path) -> None:
     """onnxruntime-genai at the same thread count as every other engine."""
     import json
+
+    import torch
+
+    from exporters.onnx_fused import GENAI_NAME
 
     path = folder / GENAI_NAME
     config = json.loads(path.read_text())

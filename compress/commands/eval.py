@@ -20,11 +20,9 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from compress.errors import CompressError
 from compress.reference import MODEL_DIR, TEST_TEXT
-from compress.textdata import load_text, token_stream
+from compress.threads import add_threads_argument
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=None,
                         help="slide windows by this many tokens; without it, windows are fixed and non-overlapping")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device for the models")
+    parser.add_argument("--device", default="auto", help="torch device for the models: auto (CUDA when present), "
+                                                          "cpu, cuda, cuda:1 ...")
     parser.add_argument("--max-windows", type=int, default=None,
                         help="use exactly this many windows from the start of the text; all when not given")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
@@ -47,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run the model code a folder or Hub repository ships (its config's auto_map). Without "
                              "it, only folders `compress export` wrote are trusted: plan.json and report.json "
                              "beside this package's own slim model files (modeling_slim.py, ...), byte for byte")
+    add_threads_argument(parser)
 
 
 def _tokenizer_source(*models: str | Path | None) -> str | Path:
@@ -104,8 +103,11 @@ def _own_code(model: str | Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compress.loading import load_model, load_tokenizer
+    from compress.loading import load_model, load_tokenizer, resolve_device
+    from compress.textdata import load_text, token_stream
     from validation.quality import compare, perplexity
+
+    args.device = resolve_device(args.device)
 
     trust = {m: _trusted(m, args.trust_remote_code) for m in (args.model, args.reference) if m is not None}
     text = load_text(args.text)

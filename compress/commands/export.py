@@ -9,14 +9,15 @@ The folder is written to a staging folder and moved into place only after every 
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.helpers import check_ratio
-from compress.methods import METHODS
-from compress.pipeline import export, prune, streaming_for
+from compress.helpers import DTYPES, SCOPES, check_ratio, dtype_name
+from compress.methods.options import DEFAULTS, DESCRIPTIONS, add_method_arguments
 from compress.commands.ranks import add_arguments as add_ranks_arguments
+from compress.threads import add_threads_argument
 
 DEFAULT_METHOD = "disp"
 
@@ -24,11 +25,10 @@ DEFAULT_METHOD = "disp"
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a dense model and calibration text."""
     p.add_argument("--model", default=None, help="dense model: folder, Hub id or GGUF file (default: the shipped reference model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the exported weights")
-    p.add_argument("--load-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="dtype the dense model is held in while pruning; auto (default): float32, unless --dtype "
-                        "is half precision and the model in float32 would take over half the available memory")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the exported weights")
+    p.add_argument("--load-dtype", default="auto", choices=["auto", *DTYPES],
+                   help="dtype the dense model is held in while pruning; auto: float32, unless --dtype is half "
+                        "precision and the model in float32 would take over half the available memory")
     p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--calib", default=None, help="calibration text file (default: the shipped calibration slice)")
     p.add_argument("--calib-samples", type=int, default=None,
@@ -37,22 +37,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_scope_argument(p: argparse.ArgumentParser) -> None:
-    from validation.parity import SCOPES
-
     p.add_argument("--parity-scope", choices=SCOPES, default="auto",
                    help="model: run the whole slim and masked dense models in float64 (needs about three "
                         "float64 copies of the model in memory); layers: check one decoder layer at a time in "
-                        "float64 (bounded memory; the folder's tensors compared, not run); auto (default): "
-                        "model where it fits in memory, else layers")
+                        "float64 (bounded memory; the folder's tensors compared, not run); auto: model where it "
+                        "fits in memory, else layers")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="pruning method")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(DESCRIPTIONS),
+                   help="pruning method (each described below)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-layer linear weights to remove, in (0, 1)")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     add_model_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice; same seed, same bytes")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a folder this tool wrote (it holds plan.json or report.json) or an "
+                        "empty one; anything else is left alone")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     p.add_argument("--eval-windows", type=int, default=32,
                    help="held-out windows for the report's perplexity/KL (0 to skip)")
@@ -72,28 +73,30 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "peak memory stays near one layer plus the embeddings (magnitude, wanda-sp and flap, "
                         "from a local folder, a Hub id's safetensors or a GGUF file; the checks are then layer "
                         "by layer; calibration activations go to a folder under $TMPDIR when they would take over "
-                        "a quarter of the memory); auto (default): when the model is too large for the "
-                        "whole-model checks; the output is the same either way")
+                        "a quarter of the memory); auto: when the model is too large for the whole-model "
+                        "checks; the output is the same either way")
     p.add_argument("--dry-run", action="store_true",
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
                         "reads the config only")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
+    add_threads_argument(p)
     add_ranks_arguments(p)
-    for name in sorted(METHODS):
-        cls = METHODS[name]
-        group = p.add_argument_group(f"{name} options")
-        cls.add_arguments(group)
+    add_method_arguments(p)
+    p.epilog = "methods:\n" + "\n".join(
+        textwrap.fill(text, 96, initial_indent=f"  {name:<11}", subsequent_indent=" " * 13, break_on_hyphens=False)
+        for name, text in DESCRIPTIONS.items())
 
 
 def method_settings(args: argparse.Namespace) -> dict:
     """The options given for the method; an option left at None takes the method's own default."""
-    return {k: v for k in METHODS[args.method].defaults if (v := getattr(args, k, None)) is not None}
+    return {k: v for k in DEFAULTS[args.method] if (v := getattr(args, k, None)) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
     from compress.commands.ranks import run_ranks
+    from compress.methods import METHODS
 
     check_ratio(args.ratio)
     if args.dry_run:
@@ -103,13 +106,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, session) -> int:
     """The export, in this process's part of the run (`compress.commands.ranks.Session`)."""
-    from compress.helpers import dtype_name
-    from compress.loading import load_tokenizer, resolve_dtype
+    from compress.loading import load_config, load_tokenizer, resolve_dtype
+    from compress.pipeline import streaming_for
     from compress.probe import probe_runtime
     from compress.reference import CALIB_TEXT
     from compress.source import open_source
     from compress.textdata import calibration_windows, load_text, token_stream
-    from exporters.hf_folder import parse_size
+    from exporters.hf_folder import check_destination, parse_size
 
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
     runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
@@ -117,8 +120,7 @@ def _run(args: argparse.Namespace, session) -> int:
     if args.onnx_weights != "float" and not args.onnx:
         raise CompressError("--onnx-weights needs --onnx")
     out = args.out.resolve()
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    check_destination(out, args.overwrite)
     if args.push_to_hub:  # fail now, not after minutes of pruning
         from exporters.hub import require_token
 
@@ -126,10 +128,15 @@ def _run(args: argparse.Namespace, session) -> int:
     parse_size(args.max_shard_size)
     dtype, device = resolve_dtype(args.dtype), session.device
     t0 = time.perf_counter()
+    load_config(args.model)  # the model first, in the order to fix it: folder, config, architecture, weights
     folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
     tokenizer = load_tokenizer(args.model)
-    calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
-                                args.calib_samples)
+    calib_path = args.calib or CALIB_TEXT
+    try:
+        calib = calibration_windows(token_stream(tokenizer, load_text(calib_path)), args.seq_len, args.calib_samples)
+    except ValueError as e:
+        raise CompressError(f"{calib_path}: {e}; give a longer text, or a smaller --seq-len or "
+                            "--calib-samples") from None
     source = open_source(args.model, folder, args.load_dtype, dtype, device)
     how = "streaming {} one layer at a time" if source.streamed else "loaded {}"
     print(f"{how.format(args.model or 'the reference model')} on {device} in {dtype_name(source.dtype)}; "
@@ -169,7 +176,7 @@ def _dry_run(args) -> int:
     device = resolve_device(args.device)
     held = load_dtype(config, args.load_dtype, resolve_dtype(args.dtype))  # as the export would hold it
     settings = method_settings(args)
-    batch = settings.get("batch_size", METHODS["disp"].defaults["batch_size"])
+    batch = settings.get("batch_size", DEFAULTS["disp"]["batch_size"])
     plan = training_memory(config, held, settings, batch, args.seq_len)
     for line in format_plan(plan, args.model or "the reference model", held, batch, args.seq_len,
                             config.num_hidden_layers):
@@ -184,6 +191,8 @@ def _dry_run(args) -> int:
 def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, session) -> dict | None:
     """`prune` and `export` over the dense model's layers, held or streamed; the report (None on a
     rank other than 0: it trains, rank 0 writes)."""
+    from compress.pipeline import export, prune
+
     t1 = time.perf_counter()
     result = prune(source, args.method, args.ratio, calib.to(device), seed=args.seed, **session.prune_options(),
                    **method_settings(args))

@@ -14,10 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from compress.errors import CompressError
 from compress.helpers import ONNX_TYPES
+from compress.threads import add_threads_argument
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -27,14 +26,16 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="fused: one node per fused onnxruntime operator (GroupQueryAttention, "
                         "SkipSimplifiedLayerNormalization; static models with head and rotary dimensions that are "
                         "multiples of 16), much faster to decode; traced: the dynamo exporter's graph, "
-                        "any model; auto (default): fused where it can express the model")
+                        "any model; auto: fused where it can express the model")
     p.add_argument("--weights", default="float", choices=["float", "int4"],
                    help="int4: the decoder layers' weights quantized for onnxruntime's MatMulNBits (blocks of "
                         "32 input channels, one scale and zero point each; embeddings, norms and LM head stay "
                         "float), written to DIR/onnx-int4; parity is checked against the slim model "
                         "holding the dequantized weights, and the cost of quantizing (KL, perplexity against the "
                         "float slim model on held-out text) is printed and recorded. Fused graph only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DIR/onnx (only one this tool wrote: it holds onnx_config.json)")
+    add_threads_argument(p)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -53,11 +54,11 @@ def _variant(dtype: str, weights: str) -> str:
 def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = False, graph: str = "auto",
                        weights: str = "float") -> list:
     """ONNX for an exported folder, parity-checked before it is moved into DIR/onnx (DIR/onnx-int4 ...)."""
-    from transformers import AutoModelForCausalLM
+    import torch
 
     from compress.reference import CALIB_TEXT
     from compress.textdata import load_text, token_stream, windows
-    from compress.loading import load_tokenizer
+    from compress.loading import load_folder_model, load_tokenizer
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
     from exporters.onnx_fused import GENAI_NAME
@@ -69,11 +70,11 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
-    slim = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
+    slim = load_folder_model(folder, torch.float32)
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 24, 1)
     quality = None
-    with staged_folder(onnx_dir(folder, dtype, weights), overwrite=overwrite) as staging:
+    with staged_folder(onnx_dir(folder, dtype, weights), overwrite=overwrite, ours=("onnx_config.json",)) as staging:
         try:
             path = export_onnx(slim, staging, dtype=dtype, graph=graph, weights=weights)
         except ValueError as e:  # a model the fused graph cannot express, asked for int4 ...

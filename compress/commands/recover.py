@@ -54,6 +54,7 @@ def recover_result(args: argparse.Namespace, model, result, calib, store=None):
 def configure(p: argparse.ArgumentParser) -> None:
     from compress.commands.export import add_scope_argument
     from compress.commands.ranks import add_save_argument
+    from compress.threads import add_threads_argument
 
     p.add_argument("folder", type=Path, help="a slim folder written by `compress export`")
     p.add_argument("--teacher", default=None,
@@ -70,6 +71,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=32,
                    help="held-out test windows for the report's perplexity/KL (0 to skip)")
     add_scope_argument(p)
+    add_threads_argument(p)
     add_save_argument(p)
     add_recover_arguments(p, prefix="--")
 
@@ -85,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
     from compress.plan import model_identity
     from compress.reference import CALIB_TEXT
     from compress.textdata import calibration_windows, load_text, token_stream
+    from exporters.hf_folder import check_destination
     from validation.folder_checks import load_export
     from validation.report import summary_lines
 
     folder = args.folder.resolve()
     out = (args.out or folder.with_name(folder.name + "-recovered")).resolve()
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    check_destination(out, args.overwrite)
     report, plan, replaced = load_export(folder)
     base = args.teacher or report.get("base_model")
     base = None if base in (None, "reference") else base

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from compress.threads import add_threads_argument
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     from compress.commands.export import add_scope_argument
@@ -23,8 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_scope_argument(p)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="read the dense model one decoder layer at a time from its safetensors (a folder or a "
-                        "Hub id) or GGUF file (layer checks only); auto (default): when the whole-model checks "
-                        "would not fit in memory")
+                        "Hub id) or GGUF file (layer checks only); auto: when the whole-model checks would not "
+                        "fit in memory")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

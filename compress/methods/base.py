@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +25,8 @@ class PruneResult:
 
 
 class Method:
-    """Subclasses set `name`, may add CLI options, and implement `prune`.
+    """Subclasses set `name` and `defaults` (from compress.methods.options, where their command-line
+    options are too) and implement `prune`.
 
     Settings are plain keyword arguments (defaults in `defaults`), recorded in the plan so a
     run can be reproduced from its record.
@@ -47,10 +47,6 @@ class Method:
         if unknown:
             raise TypeError(f"{self.name}: unknown settings {sorted(unknown)}")
         self.settings = {**self.defaults, **settings}
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Method-specific CLI options; their `dest` must match keys of `defaults`."""
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         """calib: token ids [n_samples, seq_len] (None when `needs_calibration` is False)."""

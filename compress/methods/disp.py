@@ -29,8 +29,8 @@ model trains 10,000 steps of 1,024 tokens, 10.2M tokens: half of the paper's 20.
 of 2,048 tokens on LLaMA-2-7B, 8.6e17 FLOPs). The CUDA default is therefore not the paper's budget
 below 16B; `--steps N` (and `--batch-size`, `--seq-len`) set it, and the export prints the choice.
 Fewer steps leave masks undecided and cost quality (benchmarks/RESULTS.md has the measurements).
-On a CPU shared with other jobs, set OMP_NUM_THREADS=1: two torch threads contending for one free
-core slow training down.
+On a CPU shared with other jobs, run one torch thread per free core (the command line's default,
+`compress.threads`): two threads contending for one free core slowed a step down 17 times.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from compress.adapters import Adapter, Geometry
 from compress.masking import LayerMasks, masked
 from compress.methods.base import Method, PruneResult, register
+from compress.methods.options import DEFAULTS, OBJECTIVES
 from compress.methods.refit import refit_plan
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
@@ -55,7 +56,6 @@ from compress.training import Batches
 
 __all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
 
-OBJECTIVES = ("lm", "kl")
 KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 GROUPS = "kv_groups"  # one mask per KV group: its query heads and its k/v rows
 FLOOR = {k: 1 for k in KINDS} | {GROUPS: 0}  # KV groups may all go: the attention is then removed
@@ -108,35 +108,8 @@ def _checkpointed(layers):
 class DISP(Method):
     name = "disp"
     needs_calibration = True
-    # layer_targets: kept fraction of each layer's linear weights (e.g. from Týr's search) instead
-    # of one global budget; set by `tyr+disp`, not a CLI option.
-    defaults = {"steps": None, "lr": 1e-3, "lam": 16.0, "batch_size": 4, "prune_heads": False, "objective": "lm",
-                "refit": 0, "layer_targets": None}
+    defaults = DEFAULTS["disp"]  # layer_targets: set by tyr+disp (Týr's searched per-layer budgets)
     snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
-    data_parallel = True  # each rank trains on its share of every global batch (--batch-size is global)
-
-    @classmethod
-    def add_arguments(cls, group) -> None:
-        d = cls.defaults
-        group.add_argument("--steps", type=int, default=d["steps"],
-                           help="DISP: hypernetwork training steps (default: what fits about an hour of the "
-                                "device for this model's size, at most 2,000 on CPU and 10,000 on CUDA)")
-        group.add_argument("--lr", type=float, default=d["lr"], help="DISP: AdamW learning rate of the hypernetwork")
-        group.add_argument("--lambda", dest="lam", type=float, default=d["lam"],
-                           help="DISP: weight of the parameter-budget regulariser")
-        group.add_argument("--batch-size", type=int, default=d["batch_size"],
-                           help="DISP: calibration windows per training step")
-        group.add_argument("--prune-heads", action="store_true",
-                           help="DISP: also prune whole KV groups (heads, k/v rows; shrinks the KV cache)")
-        group.add_argument("--objective", choices=OBJECTIVES, default=d["objective"],
-                           help="DISP: what the masks are trained to minimise: lm = next-token cross-entropy on "
-                                "the calibration text (the paper's); kl = KL(dense || pruned) per token, the "
-                                "dense model's own predictions as targets (stays closer to the dense model; "
-                                "one extra forward per step)")
-        group.add_argument("--refit", type=int, default=None, metavar="WINDOWS",
-                           help="DISP: after training, re-solve each pruned linear's kept input columns by least "
-                                "squares on this many calibration windows, layer by layer (Týr's refit; default: "
-                                "0 = off for disp, as the paper; 64 for tyr+disp)")
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         if calib is None or calib.dim() != 2 or calib.shape[1] < 2:

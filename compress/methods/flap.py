@@ -21,15 +21,14 @@ removed a whole first-layer attention on the reference model (benchmarks/RESULTS
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from compress.adapters import Adapter
 from compress.calibration import ChannelStats
 from compress.helpers import head_rows
 from compress.methods.base import register
-from compress.methods.select import ALLOCATIONS, STANDARDIZATIONS, CalibratedMethod, add_option
+from compress.methods.options import DEFAULTS
+from compress.methods.select import CalibratedMethod
 from compress.methods.wanda_sp import column_scores
 from compress.plan import Plan
 
@@ -71,18 +70,7 @@ class FLAP(CalibratedMethod):
 
     name = "flap"
     needs_calibration = True
-    defaults = {**CalibratedMethod.defaults, "allocation": "global", "standardize": "layer",
-                "bias_compensation": True}
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_option(group, "--allocation", dest="allocation", default="global", choices=ALLOCATIONS,
-                   help="flap: one global ranking of all layers' units (adaptive widths) or the same ratio per layer")
-        add_option(group, "--standardize", dest="standardize", default="layer", choices=STANDARDIZATIONS,
-                   help="flap, global allocation: standardise scores per layer and type, or per type across layers")
-        add_option(group, "--no-bias-compensation", dest="bias_compensation", action="store_false",
-                   help="flap: do not fold the removed channels' mean output into the o_proj/down_proj biases")
+    defaults = DEFAULTS["flap"]
 
     def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
         return column_scores(adapter, layer, stats, fluctuation_metric)

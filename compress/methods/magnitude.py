@@ -10,6 +10,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.methods.base import register
+from compress.methods.options import DEFAULTS
 from compress.methods.select import ScoredMethod
 
 __all__ = ["Magnitude", "magnitude_scores"]
@@ -39,6 +40,7 @@ class Magnitude(ScoredMethod):
 
     name = "magnitude"
     needs_calibration = False
+    defaults = DEFAULTS["magnitude"]
 
     def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
         return magnitude_scores(adapter, layer)

@@ -21,7 +21,6 @@ Allocation:
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -29,14 +28,10 @@ import torch
 from compress.adapters import Geometry
 from compress.helpers import check_ratio
 from compress.methods.base import Method, PruneResult
+from compress.methods.options import ALLOCATIONS, GRANULARITIES, STANDARDIZATIONS
 from compress.plan import LayerPlan, Plan, linear_params
 
-__all__ = ["select", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod",
-           "GRANULARITIES", "ALLOCATIONS", "STANDARDIZATIONS"]
-
-GRANULARITIES = ("group", "head")
-ALLOCATIONS = ("uniform", "global")
-STANDARDIZATIONS = ("layer", "type")
+__all__ = ["select", "head_units", "resolve_granularity", "ScoredMethod", "CalibratedMethod"]
 
 
 def head_units(g: Geometry, scores: torch.Tensor, granularity: str) -> tuple[list[list[int]], torch.Tensor]:
@@ -192,30 +187,14 @@ def resolve_granularity(setting: str, g: Geometry) -> str:
     return "group" if g.group_size == 1 else setting
 
 
-def add_option(group: argparse._ArgumentGroup, *flags: str, **kwargs) -> None:
-    """Add an option several methods share (e.g. --head-granularity) once per parser."""
-    try:
-        group.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass  # another score-based method already added it; same dest and default
-
-
 class ScoredMethod(Method):
     """A method that scores each layer's heads and MLP channels and lets `select` turn the scores
     into a plan. The work is split per layer (`layer_scores`, `layer_replaced`) so the same
     method runs on a model held in memory (`prune`) or streamed from disk one layer at a time
     (compress.source.DenseStream): both paths compute the same numbers in the same order."""
 
-    defaults = {"head_granularity": "auto"}
     stats_parts: tuple[str, ...] = ()  # LayerParts whose input statistics `layer_scores` reads
     streamable = True
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        add_option(group, "--head-granularity", dest="head_granularity", default="auto",
-                   choices=("auto", *GRANULARITIES),
-                   help="GQA head pruning unit (magnitude, wanda-sp, flap, tyr): whole KV groups, or query "
-                        "heads evenly within every group; auto = group with >= 4 KV groups, else head")
 
     def layer_scores(self, adapter, layer, stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head scores [num_heads] or [num_heads, k], MLP channel scores [intermediate]) of one
@@ -260,14 +239,7 @@ class CalibratedMethod(ScoredMethod):
     """A scored method that needs activation statistics of the o_proj / down_proj inputs."""
 
     needs_calibration = True
-    defaults = {**ScoredMethod.defaults, "calib_batch_size": 8}
     stats_parts = ("o", "down")
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_option(group, "--calib-batch-size", dest="calib_batch_size", type=int, default=8,
-                   help="windows per forward pass while collecting activation statistics")
 
     def input_stats(self, model, adapter, calib):
         from compress.calibration import collect_input_stats

@@ -32,7 +32,6 @@ the final MLP widths absorb it, so the plan meets the ratio to within one MLP ch
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import random
@@ -47,6 +46,7 @@ from compress import memory
 from compress.adapters import Adapter, Geometry
 from compress.masking import replaced_weights
 from compress.methods.base import PruneResult, register
+from compress.methods.options import DEFAULTS
 from compress.helpers import check_ratio
 from compress.methods.select import CalibratedMethod, resolve_granularity
 from compress.calibration import layer_inputs, run_layer
@@ -155,28 +155,7 @@ class Tyr(CalibratedMethod):
     name = "tyr"
     streamable = False  # its supernet search runs the whole model
     data_parallel = True  # the ranks score the candidates in turns (the rest runs on each, alike)
-    defaults = {**CalibratedMethod.defaults, "levels": 4, "iterations": 3, "generations": 6, "offspring": 16,
-                "fidelity_windows": [1, 4, 16], "hessian_windows": 64, "candidate_batch": None}
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        d = cls.defaults
-        group.add_argument("--levels", type=int, default=d["levels"],
-                           help="tyr: supernet levels each side of a sublayer's centre sparsity (4: 9 variants)")
-        group.add_argument("--iterations", type=int, default=d["iterations"],
-                           help="tyr: coarse-to-fine supernets, the level step halved each time from 12.5%%")
-        group.add_argument("--generations", type=int, default=d["generations"],
-                           help="tyr: evolutionary generations per iteration")
-        group.add_argument("--offspring", type=int, default=d["offspring"], help="tyr: offspring per generation")
-        group.add_argument("--fidelity-windows", type=int, nargs=3, default=d["fidelity_windows"],
-                           metavar=("ALL", "QUARTER", "BEST"),
-                           help="tyr: calibration windows scoring all offspring, the best quarter, the best "
-                                "sixteenth and the parent")
-        group.add_argument("--hessian-windows", type=int, default=d["hessian_windows"],
-                           help="tyr: calibration windows for the X^T X statistics of local pruning")
-        group.add_argument("--candidate-batch", type=int, default=d["candidate_batch"],
-                           help="tyr: candidates scored in one forward pass (default: 8 on CUDA, 1 on CPU)")
+    defaults = DEFAULTS["tyr"]
 
     def prune(self, model, adapter: Adapter, ratio: float, calib, seed: int) -> PruneResult:
         check_ratio(ratio)

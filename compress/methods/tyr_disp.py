@@ -16,6 +16,7 @@ import torch
 from compress.adapters import Adapter
 from compress.methods.base import Method, PruneResult, register
 from compress.methods.disp import DISP
+from compress.methods.options import DEFAULTS
 from compress.methods.tyr import Tyr
 from compress.plan import linear_params
 
@@ -28,7 +29,7 @@ _DISP_KEYS = [k for k in DISP.defaults if k != "layer_targets"]
 class TyrDisp(Method):
     name = "tyr+disp"
     needs_calibration = True
-    defaults = {**Tyr.defaults, **{k: DISP.defaults[k] for k in _DISP_KEYS}, "refit": 64}
+    defaults = DEFAULTS["tyr+disp"]
     data_parallel = True  # Týr's candidates scored in turns, DISP's batches split (see each)
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:

@@ -13,6 +13,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.methods.base import register
+from compress.methods.options import DEFAULTS
 from compress.methods.select import CalibratedMethod
 
 __all__ = ["WandaSP", "column_scores"]
@@ -36,6 +37,7 @@ class WandaSP(CalibratedMethod):
     """|W| * ||x|| per o_proj / down_proj input channel, uniform per-layer ratio."""
 
     name = "wanda-sp"
+    defaults = DEFAULTS["wanda-sp"]
 
     def layer_scores(self, adapter: Adapter, layer, stats) -> tuple[torch.Tensor, torch.Tensor]:
         return column_scores(adapter, layer, stats, wanda_metric)

@@ -28,6 +28,7 @@ import numpy as np
 
 from compress.helpers import ONNX_TYPES, positions
 from compress.onnxruntime_import import ort
+from compress.threads import chosen_threads
 
 __all__ = ["OnnxRunner", "Generation", "SharedCache", "default_providers"]
 
@@ -40,6 +41,15 @@ def default_providers() -> list[str]:
     """CUDA (from onnxruntime-gpu) when this onnxruntime has it, CPU always as the fallback."""
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def _session_options() -> ort.SessionOptions:
+    """onnxruntime's defaults, except under a command: the thread count it chose for torch
+    (`compress.threads`), not onnxruntime's own one thread per core, which a busy core slows down."""
+    options = ort.SessionOptions()
+    if chosen_threads():
+        options.intra_op_num_threads, options.inter_op_num_threads = chosen_threads(), 1
+    return options
 
 
 @dataclass
@@ -76,6 +86,7 @@ class OnnxRunner:
         model_path = path / "model.onnx" if path.is_dir() else path
         config_path = model_path.with_name("onnx_config.json")
         self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        session_options = session_options or _session_options()
         self.session = ort.InferenceSession(str(model_path), sess_options=session_options,
                                             providers=providers or default_providers())
         # Probe Pruning: a prefill graph chooses each probed sublayer's heads/channels; the step
