@@ -110,6 +110,7 @@ class DISP(Method):
     needs_calibration = True
     defaults = DEFAULTS["disp"]  # layer_targets: set by tyr+disp (Týr's searched per-layer budgets)
     snapshot_steps: frozenset[int] = frozenset()  # steps at which to keep the plan too (benchmarks' steps curve)
+    data_parallel = True  # each rank trains on its share of every global batch (--batch-size is global)
 
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         if calib is None or calib.dim() != 2 or calib.shape[1] < 2:
