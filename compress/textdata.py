@@ -7,11 +7,13 @@ text cut the same way.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_text", "token_stream", "windows", "calibration_windows", "MAX_CALIB_WINDOWS"]
+__all__ = ["load_text", "token_stream", "windows", "spread_offsets", "windows_at", "spread_windows",
+           "calibration_offsets", "calibration_windows", "MAX_CALIB_WINDOWS"]
 
 MAX_CALIB_WINDOWS = 512  # the default takes every window of the calibration text up to this many
 
@@ -70,13 +72,51 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
     return ids.unfold(0, seq_len, stride)[:n].contiguous()
 
 
-def calibration_windows(ids: torch.Tensor, seq_len: int, n: int | None = None) -> torch.Tensor:
-    """`n` calibration windows, or (None) every window the text gives, at most MAX_CALIB_WINDOWS.
+def spread_offsets(n_tokens: int, seq_len: int, n: int | None = None, seed: int = 0) -> list[int]:
+    """Where `n` non-overlapping windows of `seq_len` start when spread evenly over a stream of
+    `n_tokens`: one every n_tokens // n tokens, all shifted by a seeded offset (so the first starts
+    near the beginning and the last ends near the end). None: every window, from token 0.
+
+    The first N windows of a text measure its first few documents; spread windows measure the
+    whole of it. More windows than the text holds is an error, as for `windows`.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    fit = n_tokens // seq_len
+    if fit == 0 or (n is not None and not 1 <= n <= fit):
+        raise ValueError(f"text too short: {n_tokens} tokens give {fit} windows of {seq_len}, {n or 1} requested")
+    if n is None:
+        return list(range(0, fit * seq_len, seq_len))
+    step = n_tokens // n
+    shift = random.Random(seed).randint(0, step - seq_len)
+    return [shift + i * step for i in range(n)]
+
+
+def windows_at(ids: torch.Tensor, seq_len: int, offsets: list[int]) -> torch.Tensor:
+    """The windows of a 1-D token stream starting at `offsets` -> LongTensor [len(offsets), seq_len]."""
+    if ids.dim() != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tuple(ids.shape)}")
+    return ids.unfold(0, seq_len, 1)[torch.tensor(offsets, dtype=torch.long)].contiguous()
+
+
+def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The windows at `spread_offsets` of a 1-D token stream -> LongTensor [n, seq_len]."""
+    return windows_at(ids, seq_len, spread_offsets(ids.numel(), seq_len, n, seed))
+
+
+def calibration_offsets(n_tokens: int, seq_len: int, n: int | None = None, seed: int = 0) -> list[int]:
+    """Where the calibration windows start: `n` spread evenly, or (None) every window of the text,
+    spread evenly at most MAX_CALIB_WINDOWS of them when the text holds more."""
+    if n is None and n_tokens // seq_len > MAX_CALIB_WINDOWS:
+        n = MAX_CALIB_WINDOWS
+    return spread_offsets(n_tokens, seq_len, n, seed)
+
+
+def calibration_windows(ids: torch.Tensor, seq_len: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The calibration windows at `calibration_offsets` -> LongTensor [n, seq_len].
 
     Learned masks (DISP) overfit a small calibration set, so the default uses all the text
-    there is (358 windows of 256 tokens in the shipped slice) rather than a fixed count.
+    there is (358 windows of 256 tokens in the reference slice) rather than a fixed count; a
+    longer text (the broad set) is sampled evenly, so every part of the mix calibrates.
     """
-    if n is not None:
-        return windows(ids, seq_len, n)
-    return windows(ids, seq_len)[:MAX_CALIB_WINDOWS]
-
+    return windows_at(ids, seq_len, calibration_offsets(ids.numel(), seq_len, n, seed))

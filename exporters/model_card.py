@@ -12,13 +12,12 @@ from pathlib import PurePath
 import yaml
 
 from compress.helpers import DTYPES, torch_dtype
+from validation.quality_words import quality_markdown
 
 __all__ = ["model_card", "base_model_id"]
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 CACHE_REPO = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")  # huggingface_hub cache: models--ORG--NAME/snapshots/SHA
-TEST_TEXT_NOTE = ("the held-out test slice shipped with compress (`compress/reference/data/test.txt`: Python 3.11 "
-                  "documentation, other documents than its calibration slice)")
 
 
 def base_model_id(base: str) -> str | None:
@@ -128,15 +127,9 @@ def _layers(report: dict) -> str:
 
 
 def _quality(report: dict) -> str:
-    q = report.get("quality") or {}
-    if not q:
-        return "## Quality against the dense model\n\nNot measured (exported with `--eval-windows 0`)."
-    return (f"## Quality against the dense model\n\nOn {q['windows']} windows of {q['seq_len']} tokens of "
-            f"{TEST_TEXT_NOTE}.\n\n"
-            "| | dense | pruned |\n|---|---:|---:|\n"
-            f"| perplexity | {q['dense_ppl']:.2f} | {q['slim_ppl']:.2f} |\n"
-            f"| KL(dense ‖ pruned), nats/token | – | {q['kl']:.4f} |\n"
-            f"| top-1 agreement with dense | – | {q['agreement']:.3f} |")
+    """What calibrated the model and how it does on held-out texts of several kinds, each marked in-domain or not."""
+    return "## Calibration and quality against the dense model\n\n" + "\n".join(
+        quality_markdown(report.get("calibration"), report.get("quality")))
 
 
 def _parity(report: dict, onnx_dirs: tuple[str, ...]) -> str:

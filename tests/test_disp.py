@@ -12,7 +12,7 @@ import torch
 from compress.adapters import get_adapter
 from compress.masking import LayerMasks, masked, plan_masks, replaced_weights
 from compress.methods import METHODS
-from compress.methods.disp import DISP, _checkpointed, _frozen, build_plan, select, structures
+from compress.methods.disp import DISP, build_plan, select, structures
 from compress.methods.options import add_method_arguments
 from compress.methods.refit import refit_plan
 from compress.methods.tyr_obs import DAMPING
@@ -20,6 +20,7 @@ from compress.methods.disp_hypernet import HyperNetwork, budget_loss, layer_para
 from compress.plan import LayerPlan, linear_params
 from compress.slimming import build_slim_model
 from compress.slim.modeling_slim import CACHE_NAME
+from compress.training import checkpointed, frozen
 from tiny import TINY_CONFIGS, tiny_model
 
 FAST = {"steps": 3, "batch_size": 2}
@@ -209,9 +210,9 @@ def test_checkpointed_layers_give_the_same_mask_gradients():
     def grad(ckpt: bool):
         calls.clear()
         mask = torch.linspace(0.2, 1.0, g.hidden, requires_grad=True)
-        ctx = _checkpointed(adapter.layers(model)) if ckpt else contextlib.nullcontext()
+        ctx = checkpointed(adapter.layers(model)) if ckpt else contextlib.nullcontext()
         hook = norm.register_forward_hook(lambda *a: calls.append(1))
-        with _frozen(model), ctx, masked(model, adapter, [LayerMasks(attn_in=mask, mlp_out=mask)] * g.num_layers):
+        with frozen(model), ctx, masked(model, adapter, [LayerMasks(attn_in=mask, mlp_out=mask)] * g.num_layers):
             model(input_ids=ids).logits.square().mean().backward()
         hook.remove()
         return mask.grad, len(calls)

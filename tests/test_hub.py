@@ -251,9 +251,10 @@ def test_push_uploads_the_exact_bytes_and_a_card_and_leaves_the_folder_unchanged
     assert meta["license"] == "apache-2.0"  # from the dense folder's README
     assert {"compress", "pruned", "flap"} <= set(meta["tags"])
     report = json.loads((out / "report.json").read_text())
-    q = report["quality"]
-    for text in [f"| perplexity | {q['dense_ppl']:.2f} | {q['slim_ppl']:.2f} |", f"{q['kl']:.4f}", "test.txt",
-                 f"{q['agreement']:.3f}", "| equivalence | cpu | float64 |", "| files | cpu | float32 |",
+    rows = [f"| {q['text']} ({q['windows']} windows of 32 tokens spread over {q['text_tokens']:,} tokens, seed 0) | "
+            f"{q['relation']} | {q['reference_perplexity']:.2f} | {q['perplexity']:.2f} |" for q in report["quality"]]
+    for text in [*rows, "Calibrated on broad-calib (8 windows of 32 tokens spread over", "file calib-broad.txt",
+                 "| equivalence | cpu | float64 |", "| files | cpu | float32 |",
                  f"| all parameters | {report['params']['total_before']:,} | {report['params']['total_after']:,} |",
                  "weight bytes (float32)", "| layers | heads | kv heads | mlp hidden |",
                  f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)',

@@ -22,7 +22,7 @@ PACKAGES = ("compress", "exporters", "validation")
 LAYERS = [
     # what a plan and a model family are, the slim model's own files, shared helpers
     ["compress.errors", "compress.helpers", "compress.plan", "compress.adapters", "compress.slim",
-     "compress.reference", "compress.onnxruntime_import", "compress.memory",
+     "compress.reference", "compress.texts", "compress.onnxruntime_import", "compress.memory",
      "compress.llamacpp_import", "compress.threads"],
     # reading and writing safetensors folders; loading models, GGUF files and text
     ["exporters.hf_folder", "compress.loading", "compress.gguf_folder", "compress.textdata", "compress.corpus",

@@ -81,7 +81,7 @@ def test_disp_learns(reference):
     model, calib, test = reference
     adapter = get_adapter(model.config)
     g = adapter.geometry()
-    disp = METHODS["disp"](steps=150, batch_size=2)
+    disp = METHODS["disp"](steps=300, batch_size=2)
     plan = disp.prune(model, adapter, 0.5, calib, 0).plan
     loss = [t[0] for t in disp.trace]
     kept = [t[2] for t in disp.trace]
@@ -95,5 +95,6 @@ def test_disp_learns(reference):
 
     learned = ppl(plan)
     randoms = [ppl(_random_plan(g, plan, seed)) for seed in range(2)]
-    # Measured: 49.1 learned vs 60.5 and 62.1 for two random plans of the same widths.
+    # Measured on 24 windows spread over the test text: 101.3 learned vs 123.1 and 118.2 for two random
+    # plans of the same widths (150 steps: 104.5 vs 118.6 and 114.3, too close to tell apart reliably).
     assert learned < 0.9 * min(randoms), (learned, randoms)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compress.textdata import MAX_CALIB_WINDOWS, calibration_windows, load_text, windows
+from compress.textdata import MAX_CALIB_WINDOWS, calibration_windows, load_text, spread_offsets, windows
 from validation.quality import compare, perplexity
 
 V = 64
@@ -48,12 +48,44 @@ def test_windows_fixed_and_sliding():
     assert windows(ids, 4).dtype == torch.long
 
 
-def test_calibration_windows_take_all_the_text_up_to_the_cap():
+def test_calibration_windows_take_all_the_text_up_to_the_cap_spread_over_it():
     assert calibration_windows(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert calibration_windows(torch.arange(10), 4, 1).tolist() == [[0, 1, 2, 3]]
-    assert calibration_windows(torch.arange(4 * MAX_CALIB_WINDOWS + 8), 4).shape == (MAX_CALIB_WINDOWS, 4)
+    [one] = calibration_windows(torch.arange(10), 4, 1).tolist()
+    assert one == list(range(one[0], one[0] + 4))
+    n = 4 * (3 * MAX_CALIB_WINDOWS) + 2  # three times the windows the cap takes
+    capped = calibration_windows(torch.arange(n), 4)
+    assert capped.shape == (MAX_CALIB_WINDOWS, 4)
+    assert capped[0, 0] < 12 and capped[-1, -1] >= n - 12  # from the start of the text to its end, not its first third
     with pytest.raises(ValueError, match="3 requested"):
         calibration_windows(torch.arange(10), 4, 3)
+
+
+@pytest.mark.parametrize("n_tokens,n", [(1000, 7), (100_000, 32), (257, 1), (40, 10)])
+def test_spread_windows_cover_the_whole_text_reproducibly(n_tokens, n):
+    """Evenly spaced, never overlapping, the first near the start and the last near the end;
+    the same seed gives the same offsets."""
+    seq_len = 4
+    offsets = spread_offsets(n_tokens, seq_len, n, seed=5)
+    step = n_tokens // n
+    assert len(offsets) == n and offsets == spread_offsets(n_tokens, seq_len, n, seed=5)
+    assert offsets[0] <= step - seq_len and offsets[-1] + seq_len > n_tokens - step
+    assert all(b - a == step >= seq_len for a, b in zip(offsets, offsets[1:]))
+    assert offsets[-1] + seq_len <= n_tokens
+    shifts = {spread_offsets(100_000, seq_len, 32, seed)[0] for seed in range(5)}
+    assert len(shifts) > 1  # the seed moves them
+    assert spread_offsets(40, 4) == list(range(0, 40, 4))  # None: every window, from the start
+
+
+def test_figures_are_measured_on_the_recorded_spread_windows():
+    """max_windows scores the windows at the recorded offsets (not the first ones), and says so."""
+    model, ids = tiny_llama(), random_ids(n=4000)
+    res = perplexity(model, ids, seq_len=32, batch_size=4, max_windows=5, seed=2, progress=False)
+    assert res.offsets == spread_offsets(4000, 32, 5, seed=2) and res.windows == 5 and res.text_tokens == 4000
+    assert res.offsets[-1] > 3000
+    again = perplexity(model, torch.cat([ids[o:o + 32] for o in res.offsets]), seq_len=32, batch_size=4, progress=False)
+    assert res.perplexity == pytest.approx(again.perplexity, rel=1e-6)
+    first = perplexity(model, ids[:5 * 32], seq_len=32, batch_size=4, progress=False)
+    assert res.perplexity != pytest.approx(first.perplexity, rel=1e-6)
 
 
 def test_windows_errors_on_short_text():

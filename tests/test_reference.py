@@ -68,14 +68,14 @@ def test_eval_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     eval_command.configure(parser)
     out = tmp_path / "r.json"
-    args = parser.parse_args(["--reference", str(MODEL_DIR), "--max-windows", "3", "--device", "cpu",
-                              "--json", str(out)])
-    assert args.model == MODEL_DIR and args.text == TEST_TEXT and args.seq_len == 256
+    args = parser.parse_args(["--reference", str(MODEL_DIR), "--windows", "3", "--device", "cpu", "--text",
+                              str(TEST_TEXT), "--json", str(out)])
+    assert args.model == MODEL_DIR and args.seq_len == 256
     assert eval_command.run(args) == 0
     printed = capsys.readouterr().out
-    assert "perplexity:" in printed and "fixed 256-token windows" in printed
-    res = json.loads(out.read_text())
-    assert res["windows"] == 3 and res["mode"] == "fixed"
+    assert "perplexity on python-docs (3 windows of 256 tokens spread over " in printed
+    [res] = json.loads(out.read_text())["texts"]
+    assert res["windows"] == len(res["offsets"]) == 3 and res["mode"] == "fixed"
     assert abs(res["kl"]) < 1e-6 and res["top1_agreement"] == 1.0
     with pytest.raises(CompressError, match="no such model folder"):
         eval_command.run(parser.parse_args(["--model", str(tmp_path / "nope")]))

@@ -8,8 +8,10 @@ slim remote-code models alike); nothing else of the model is used.
 
 Window modes: "fixed" (default) cuts the token stream into non-overlapping windows of
 `seq_len` and scores every next-token target inside each window (the first token of a
-window has no context and is never a target). "sliding" (a `stride` < seq_len) moves
-the window by `stride` tokens and scores only the targets new to each window, so every
+window has no context and is never a target); `max_windows` takes that many spread evenly
+over the whole text at a seeded offset (compress.textdata.spread_offsets; the offsets are in
+the result), never the first ones. "sliding" (a `stride` < seq_len) moves the window by
+`stride` tokens over the whole text and scores only the targets new to each window, so every
 token after the first window is predicted with at least seq_len - stride tokens of context.
 """
 
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.reference import TEST_TEXT
-from compress.textdata import load_text, token_stream, windows
+from compress.textdata import load_text, spread_offsets, token_stream, windows, windows_at
 
 __all__ = ["Perplexity", "Comparison", "perplexity", "compare", "quantization_cost", "LayerwiseComparison"]
 
@@ -38,6 +40,9 @@ class Perplexity:
     seq_len: int
     stride: int | None
     mode: str  # "fixed" or "sliding"
+    text_tokens: int  # tokens of the whole text the windows were cut from
+    seed: int  # of the spread windows' offset
+    offsets: list[int]  # where each window starts in the text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,19 +59,46 @@ class Comparison:
     seq_len: int
     stride: int | None
     mode: str
+    text_tokens: int
+    seed: int
+    offsets: list[int]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _plan(ids: torch.Tensor, seq_len: int, stride: int | None, max_windows: int | None):
-    """Windows [n, seq_len] and, per window, the first target index (0..seq_len-2) to score."""
+@dataclass
+class _Cut:
+    """Windows [n, seq_len] of a text, per window the first target index (0..seq_len-2) to score,
+    and what the result records about them."""
+
+    wins: torch.Tensor
+    first: torch.Tensor
+    mode: str
+    stride: int | None
+    text_tokens: int
+    seed: int
+    offsets: list[int]
+
+    def about(self) -> tuple:
+        """The fields Perplexity and Comparison end with: windows, seq_len, stride, mode, text_tokens, seed, offsets."""
+        return len(self.wins), self.wins.shape[1], self.stride, self.mode, self.text_tokens, self.seed, self.offsets
+
+
+def _cut(ids: torch.Tensor, seq_len: int, stride: int | None, max_windows: int | None, seed: int) -> _Cut:
     sliding = stride is not None and stride < seq_len
-    wins = windows(ids, seq_len, max_windows=max_windows, stride=stride if sliding else None)
+    if sliding:
+        if max_windows is not None:
+            raise ValueError("sliding windows cover the whole text; max_windows spreads fixed windows over it")
+        wins = windows(ids, seq_len, stride=stride)
+        offsets = list(range(0, stride * len(wins), stride))
+    else:
+        offsets = spread_offsets(ids.numel(), seq_len, max_windows, seed)
+        wins = windows_at(ids, seq_len, offsets)
     first = torch.zeros(len(wins), dtype=torch.long)
     if sliding:
         first[1:] = (seq_len - 1) - stride
-    return wins, first, ("sliding" if sliding else "fixed"), (stride if sliding else None)
+    return _Cut(wins, first, "sliding" if sliding else "fixed", stride if sliding else None, ids.numel(), seed, offsets)
 
 
 def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
@@ -104,18 +136,18 @@ class _EvalMode:
 
 def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
                device: str | torch.device = "cpu", stride: int | None = None,
-               max_windows: int | None = None, progress: bool = True) -> Perplexity:
+               max_windows: int | None = None, progress: bool = True, seed: int = 0) -> Perplexity:
     """Perplexity of `model` (already on `device`) on the 1-D token stream `ids`."""
-    wins, first, mode, stride = _plan(ids, seq_len, stride, max_windows)
+    cut = _cut(ids, seq_len, stride, max_windows, seed)
     total, count = 0.0, 0
     with torch.inference_mode(), _EvalMode(model):
-        for x, mask in _batches(wins, first, batch_size, device, "perplexity", progress):
+        for x, mask in _batches(cut.wins, cut.first, batch_size, device, "perplexity", progress):
             lp = _logprobs(model, x)
             nll = -lp.gather(-1, x[:, 1:, None]).squeeze(-1)
             total += nll[mask].double().sum().item()
             count += int(mask.sum())
     nll = total / count
-    return Perplexity(math.exp(nll), nll, count, len(wins), seq_len, stride, mode)
+    return Perplexity(math.exp(nll), nll, count, *cut.about())
 
 
 class _Tally:
@@ -136,22 +168,22 @@ class _Tally:
         self.nll_r -= lp_r.gather(-1, tgt).squeeze(-1)[mask].double().sum().item()
         self.count += int(mask.sum())
 
-    def result(self, wins, seq_len, stride, mode) -> Comparison:
+    def result(self, cut: _Cut) -> Comparison:
         n = self.count
         return Comparison(self.kl / n, self.agree / n, math.exp(self.nll_m / n), math.exp(self.nll_r / n),
-                          n, len(wins), seq_len, stride, mode)
+                          n, *cut.about())
 
 
 def compare(model, reference, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
             device: str | torch.device = "cpu", stride: int | None = None,
-            max_windows: int | None = None, progress: bool = True) -> Comparison:
+            max_windows: int | None = None, progress: bool = True, seed: int = 0) -> Comparison:
     """KL(reference || model), top-1 agreement and both perplexities on the same windows."""
-    wins, first, mode, stride = _plan(ids, seq_len, stride, max_windows)
+    cut = _cut(ids, seq_len, stride, max_windows, seed)
     tally = _Tally()
     with torch.inference_mode(), _EvalMode(model, reference):
-        for x, mask in _batches(wins, first, batch_size, device, "compare", progress):
+        for x, mask in _batches(cut.wins, cut.first, batch_size, device, "compare", progress):
             tally.add(_logprobs(model, x), _logprobs(reference, x), x[:, 1:], mask)
-    return tally.result(wins, seq_len, stride, mode)
+    return tally.result(cut)
 
 
 def quantization_cost(quantized, model, tokenizer) -> dict:
@@ -166,17 +198,20 @@ def quantization_cost(quantized, model, tokenizer) -> dict:
 class LayerwiseComparison:
     """`compare` of a slim model against its dense model when neither is ever whole in memory:
     the caller hands over one dense layer and the slim layer's tensors at a time (`step`), both
-    models run the held-out windows through it (each on its own hidden states, in the dense
-    model's dtype), and `finish` applies the final norms and LM heads. Fixed windows only."""
+    models run the held-out windows of every text in `streams` through it (each on its own hidden
+    states, in the dense model's dtype), and `finish` applies the final norms and LM heads: one
+    Comparison per text. Fixed windows only."""
 
     @torch.no_grad()
-    def __init__(self, dense, adapter, plan, ids: torch.Tensor, seq_len: int = 256, max_windows: int | None = None,
-                 batch_size: int = 8):
+    def __init__(self, dense, adapter, plan, streams: list[torch.Tensor], seq_len: int = 256,
+                 max_windows: int | None = None, batch_size: int = 8, seed: int = 0):
         from compress.calibration import hidden_states, layer_inputs
         from compress.slimming import layer_tables, slim_config
 
         self.dense, self.adapter = dense, adapter
-        self.wins, self.first, self.mode, self.stride = _plan(ids, seq_len, None, max_windows)
+        self.cuts = [_cut(ids, seq_len, None, max_windows, seed) for ids in streams]
+        self.wins = torch.cat([c.wins for c in self.cuts])
+        self.owner = [i for i, c in enumerate(self.cuts) for _ in range(len(c.wins))]  # text of each window
         self.seq_len, self.batch_size = seq_len, batch_size
         self.config = slim_config(dense, adapter, plan)
         self.dense_in = layer_inputs(dense, adapter, self.wins, batch_size)
@@ -199,8 +234,8 @@ class LayerwiseComparison:
                        for x in self.slim_x]
 
     @torch.no_grad()
-    def finish(self, shared: dict[str, torch.Tensor]) -> dict:
-        """The report's quality entry: windows, perplexities, KL and top-1 agreement."""
+    def finish(self, shared: dict[str, torch.Tensor]) -> list[Comparison]:
+        """KL, top-1 agreement and both perplexities on each text's windows."""
         from compress.slim.modeling_slim import make_norm
         from compress.calibration import hidden_states
         from compress.slimming import final_tensors
@@ -209,19 +244,16 @@ class LayerwiseComparison:
         norm = make_norm(self.config, self.config.hidden_size)
         norm.load_state_dict(norm_sd, strict=False, assign=True)
         dense_norm, dense_head = self.adapter.final_norm(self.dense), self.dense.get_output_embeddings()
-        pos = torch.arange(self.seq_len - 1)
-        tally = _Tally()
+        tallies = [_Tally() for _ in self.cuts]
         for j, ((args, kwargs), xs) in enumerate(zip(self.dense_in, self.slim_x)):
             xd = hidden_states(args, kwargs)
             ids = self.wins[j * self.batch_size:(j + 1) * self.batch_size].to(xd.device)
-            first = self.first[j * self.batch_size:(j + 1) * self.batch_size]
-            mask = (pos[None, :] >= first[:, None]).to(xd.device)
             for r in range(len(ids)):  # 64 positions' logits at a time: a 128k vocabulary is large
+                tally = tallies[self.owner[j * self.batch_size + r]]
                 for c in range(0, self.seq_len - 1, 64):
                     hd, hs = xd[r:r + 1, c:min(c + 64, self.seq_len - 1)], xs[r:r + 1, c:min(c + 64, self.seq_len - 1)]
                     lp_r = torch.log_softmax(dense_head(dense_norm(hd)).float(), dim=-1)
                     lp_m = torch.log_softmax(torch.nn.functional.linear(norm(hs), head).float(), dim=-1)
-                    tally.add(lp_m, lp_r, ids[r:r + 1, c + 1:c + 1 + hd.shape[1]], mask[r:r + 1, c:c + hd.shape[1]])
-        q = tally.result(self.wins, self.seq_len, self.stride, self.mode)
-        return {"windows": q.windows, "seq_len": self.seq_len, "dense_ppl": q.reference_perplexity,
-                "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+                    every = torch.ones(1, hd.shape[1], dtype=torch.bool, device=xd.device)  # fixed windows
+                    tally.add(lp_m, lp_r, ids[r:r + 1, c + 1:c + 1 + hd.shape[1]], every)
+        return [tally.result(cut) for tally, cut in zip(tallies, self.cuts)]

@@ -9,6 +9,7 @@ import torch
 
 from compress.adapters import Adapter
 from compress.plan import Plan
+from validation.quality_words import calibration_line, quality_line, quality_markdown
 
 __all__ = ["build_report", "write_report", "summary_lines", "count_params"]
 
@@ -26,7 +27,7 @@ def _dense_params(model) -> int:
 
 
 def build_report(model, adapter: Adapter, plan: Plan, slim_sd: dict, checks: list, tolerances: dict,
-                 quality: dict | None = None, extra: dict | None = None) -> dict:
+                 quality: list[dict] | None = None, extra: dict | None = None) -> dict:
     g = adapter.geometry()
     lin_before, lin_after = plan.linear_params(g)
     total_before = _dense_params(model)
@@ -53,13 +54,21 @@ def build_report(model, adapter: Adapter, plan: Plan, slim_sd: dict, checks: lis
         ],
         "tolerances": tolerances,
         "parity": [c.to_dict() for c in checks],
-        "quality": quality or {},
+        "quality": quality or [],  # validation.heldout records, one per evaluation text
         **(extra or {}),
     }
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The last lines `compress export` prints: achieved ratio both ways and the counts."""
+    """The last lines `compress export` prints: achieved ratio both ways and the counts, the
+    calibration text and the held-out figures."""
+    lines = _size_lines(report)
+    if report.get("calibration"):
+        lines.append(calibration_line(report["calibration"]))
+    return lines + [quality_line(rec) for rec in report.get("quality") or []]
+
+
+def _size_lines(report: dict) -> list[str]:
     r, p = report["ratio"], report["params"]
     lines = [
         f"method {report['method']}: requested ratio {r['requested']}",
@@ -72,10 +81,6 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"run time: Probe Pruning skips {rt['achieved_ratio']:.4f} of the slim model's decoder-layer "
                      f"linear weights per batch (requested {rt['ratio']}; all weights stay in the files); the probe "
                      f"costs {100 * rt['probe_flops_share_8x256']:.1f}% of a forward's FLOPs at batch 8 x 256")
-    q = report.get("quality") or {}
-    if q:
-        lines.append(f"quality on {q.get('windows')} held-out windows: perplexity dense {q['dense_ppl']:.2f} -> "
-                     f"slim {q['slim_ppl']:.2f}, KL {q['kl']:.4f}, top-1 agreement {q['agreement']:.3f}")
     return lines
 
 
@@ -84,11 +89,12 @@ def write_report(folder: Path, report: dict) -> None:
     scope = {"model": "Scope: the whole model (slim vs masked dense, float64 on CPU).",
              "layers": "Scope: one decoder layer at a time in float64 (the whole-model checks need about three "
                        "float64 copies of the model); the files compared tensor by tensor."}.get(report.get("parity_scope"), "")
-    md = ["# Compression report", "", *[f"- {line}" for line in summary_lines(report)], "",
+    md = ["# Compression report", "", *[f"- {line}" for line in _size_lines(report)], "",
           "## Parity", "", *([scope, ""] if scope else []),
           "| check | device | dtype | max abs diff | tolerance | result | detail |", "|---|---|---|---|---|---|---|"]
     md += [f"| {c['name']} | {c['device']} | {c['dtype']} | {c['max_abs_diff']:.2e} | {c['tolerance']:.0e} | "
            f"{'pass' if c['passed'] else 'FAIL'} | {c.get('detail', '').replace('|', '/')} |" for c in report["parity"]]
+    md += ["", "## Calibration and quality", "", *quality_markdown(report.get("calibration"), report.get("quality"))]
     md += ["", "## Layers", "", "| layer | heads | kv heads | mlp hidden | attn in | attn out | mlp in | mlp out |",
            "|---|---|---|---|---|---|---|---|"]
     md += [f"| {i} | {lay['heads']} | {lay['kv_heads']} | {lay['mlp_hidden']} | {lay['attn_in']} | "

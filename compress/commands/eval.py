@@ -1,9 +1,12 @@
 """Perplexity of a causal LM on a text, and, with --reference, KL(reference || model) and top-1 agreement.
 
-Defaults evaluate the shipped reference model on the shipped held-out test slice with fixed,
-non-overlapping 256-token windows. Give --stride for sliding windows (more context per token,
-lower perplexity; the mode is printed with every figure). --model and --reference take a folder,
-a Hub id or a GGUF file, as `compress export` does.
+Defaults evaluate the shipped reference model on the shipped held-out texts (Python docs, code,
+WikiText-2 test, fiction) as export reports do: 32 windows of 256 tokens spread evenly over each
+whole text at seed 0, so `compress eval --model SLIM --reference DENSE` gives the figures of the
+folder's report.md. Every figure names what it was measured on and, when the model folder's
+report.json records its calibration text, whether that text is in-domain. Give --stride for
+sliding windows over the whole text (more context per token, lower perplexity). --model and
+--reference take a folder, a Hub id or a GGUF file, as `compress export` does.
 
 A model's own code (a config.json whose auto_map names modeling files of its folder or Hub
 repository) is run only with --trust-remote-code, with one exception: folders written by
@@ -21,7 +24,8 @@ import logging
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.reference import MODEL_DIR, TEST_TEXT
+from compress.reference import MODEL_DIR
+from compress.texts import EVAL_SEED, EVAL_TEXTS, EVAL_WINDOWS
 from compress.threads import add_threads_argument
 
 log = logging.getLogger(__name__)
@@ -31,21 +35,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=str, default=MODEL_DIR, help="model folder, Hub id or GGUF file to evaluate")
     parser.add_argument("--reference", type=str, default=None, metavar="DENSE",
                         help="dense model (folder, Hub id or GGUF file) to compare against (KL, top-1 agreement)")
-    parser.add_argument("--text", type=Path, default=TEST_TEXT, metavar="FILE", help="UTF-8 text to score")
+    parser.add_argument("--text", type=Path, action="append", default=None, metavar="FILE",
+                        help="UTF-8 text to score; repeat for several (default: the shipped evaluation texts, "
+                             + ", ".join(t.name for t in EVAL_TEXTS) + ")")
     parser.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
+    parser.add_argument("--windows", type=_count, default=EVAL_WINDOWS, metavar="N",
+                        help="windows per text, spread evenly over the whole text (as many as export reports "
+                             "use); `all`: every window")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the spread windows' offset")
     parser.add_argument("--stride", type=int, default=None,
-                        help="slide windows by this many tokens; without it, windows are fixed and non-overlapping")
+                        help="slide windows by this many tokens over the whole text (with --windows all); without "
+                             "it, windows are fixed and non-overlapping")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="torch device for the models: auto (CUDA when present), "
                                                           "cpu, cuda, cuda:1 ...")
-    parser.add_argument("--max-windows", type=int, default=None,
-                        help="use exactly this many windows from the start of the text; all when not given")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model code a folder or Hub repository ships (its config's auto_map). Without "
                              "it, only folders `compress export` wrote are trusted: plan.json and report.json "
                              "beside this package's own slim model files (modeling_slim.py, ...), byte for byte")
     add_threads_argument(parser)
+
+
+def _count(value: str) -> int | None:
+    return None if value == "all" else int(value)
 
 
 def _tokenizer_source(*models: str | Path | None) -> str | Path:
@@ -102,38 +115,43 @@ def _own_code(model: str | Path) -> bool:
         return False
 
 
+def _calibration(model: str | Path) -> dict | None:
+    """The calibration text a folder's report.json records (None for any other model)."""
+    report = Path(model) / "report.json"
+    try:
+        return json.loads(report.read_text()).get("calibration") if report.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from compress.loading import load_model, load_tokenizer, resolve_device
-    from compress.textdata import load_text, token_stream
-    from validation.quality import compare, perplexity
+    from validation.heldout import evaluate
+    from validation.quality_words import calibration_line, quality_line
 
     args.device = resolve_device(args.device)
+    if args.stride is not None and args.windows is not None:
+        raise CompressError("--stride slides over the whole text: give it with --windows all")
 
     trust = {m: _trusted(m, args.trust_remote_code) for m in (args.model, args.reference) if m is not None}
-    text = load_text(args.text)
-    ids = token_stream(load_tokenizer(_tokenizer_source(args.model, args.reference)), text)
+    tokenizer = load_tokenizer(_tokenizer_source(args.model, args.reference))
     model = load_model(args.model, device=args.device, trust_remote_code=trust[args.model])
-    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, stride=args.stride,
-              max_windows=args.max_windows)
-    if args.reference is None:
-        res = perplexity(model, ids, **kw)
-    else:
-        reference = load_model(args.reference, device=args.device, trust_remote_code=trust[args.reference])
-        res = compare(model, reference, ids, **kw)
-    mode = f"{res.mode} {res.seq_len}-token windows" + (f", stride {res.stride}" if res.stride else "")
+    reference = None if args.reference is None else load_model(args.reference, device=args.device,
+                                                               trust_remote_code=trust[args.reference])
+    calibration = _calibration(args.model)
+    records = evaluate(model, tokenizer, calibration, reference=reference, texts=args.text, windows=args.windows,
+                       seq_len=args.seq_len, seed=args.seed, stride=args.stride, batch_size=args.batch_size,
+                       device=args.device, progress=True)
     print(f"model:      {args.model}")
-    print(f"text:       {args.text} ({len(ids):,} tokens; {res.windows} windows, {res.tokens:,} scored)")
-    print(f"windows:    {mode}")
-    print(f"perplexity: {res.perplexity:.2f}")
     if args.reference is not None:
-        print(f"reference:  {args.reference}")
-        print(f"reference perplexity: {res.reference_perplexity:.2f}")
-        print(f"KL(reference || model): {res.kl:.6f} nats/token")
-        print(f"top-1 agreement: {res.top1_agreement:.4f}")
+        print(f"reference:  {args.reference} (KL(reference || model) in nats per token)")
+    print(calibration_line(calibration) if calibration else "calibration: not known (no report.json records it)")
+    for rec in records:
+        print(quality_line(rec, reference="reference", model="model"))
     if args.json is not None:
         out = {"model": str(args.model), "reference": None if args.reference is None else str(args.reference),
-               "text": str(args.text), "text_tokens": len(ids), "device": str(args.device), **res.to_dict()}
+               "device": str(args.device), "calibration": calibration, "texts": records}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
         log.info("wrote %s", args.json)
     return 0

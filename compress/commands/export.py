@@ -17,6 +17,7 @@ from compress.errors import CompressError
 from compress.helpers import DTYPES, SCOPES, check_ratio, dtype_name
 from compress.methods.options import DEFAULTS, DESCRIPTIONS, add_method_arguments
 from compress.commands.ranks import add_arguments as add_ranks_arguments
+from compress.texts import EVAL_WINDOWS
 from compress.threads import add_threads_argument
 
 DEFAULT_METHOD = "disp"
@@ -30,7 +31,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype the dense model is held in while pruning; auto: float32, unless --dtype is half "
                         "precision and the model in float32 would take over half the available memory")
     p.add_argument("--device", default="auto", help="device to prune on: auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--calib", default=None, help="calibration text file (default: the shipped calibration slice)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file (default: a broad mix shipped with compress: docs, code, encyclopedic "
+                        "articles, novels, plays; the reference model: the calibration slice of its own corpus)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="number of calibration windows (default: every window of the text, at most 512)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
@@ -55,8 +58,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="replace --out if it is a folder this tool wrote (it holds plan.json or report.json) or an "
                         "empty one; anything else is left alone")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
-    p.add_argument("--eval-windows", type=int, default=32,
-                   help="held-out windows for the report's perplexity/KL (0 to skip)")
+    p.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
+                   help="windows per held-out text, spread evenly over each of the shipped evaluation texts, for the "
+                        "report's perplexity, KL and top-1 agreement (0 to skip)")
     p.add_argument("--runtime", choices=["probe"], default=None,
                    help="add run-time pruning on top of the method's static plan: `probe` (Probe Pruning) "
                         "skips --runtime-ratio of the slim model's decoder linear weights per batch, chosen by a "
@@ -109,10 +113,12 @@ def _run(args: argparse.Namespace, session) -> int:
     from compress.loading import load_config, load_tokenizer, resolve_dtype
     from compress.pipeline import streaming_for
     from compress.probe import probe_runtime
-    from compress.reference import CALIB_TEXT
     from compress.source import open_source
     from compress.textdata import calibration_windows, load_text, token_stream
+    from compress.texts import default_calibration
     from exporters.hf_folder import check_destination, parse_size
+    from validation.heldout import calibration_record
+    from validation.quality_words import calibration_line
 
     # checked now (probe_runtime refuses a bad ratio), not after minutes of pruning
     runtime = probe_runtime(args.runtime_ratio, skip_layers=args.probe_skip_layers,
@@ -131,17 +137,19 @@ def _run(args: argparse.Namespace, session) -> int:
     load_config(args.model)  # the model first, in the order to fix it: folder, config, architecture, weights
     folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
     tokenizer = load_tokenizer(args.model)
-    calib_path = args.calib or CALIB_TEXT
+    calib_path = Path(args.calib) if args.calib else default_calibration(args.model).path
+    calib_ids = token_stream(tokenizer, load_text(calib_path))
     try:
-        calib = calibration_windows(token_stream(tokenizer, load_text(calib_path)), args.seq_len, args.calib_samples)
+        calib = calibration_windows(calib_ids, args.seq_len, args.calib_samples)
     except ValueError as e:
         raise CompressError(f"{calib_path}: {e}; give a longer text, or a smaller --seq-len or "
                             "--calib-samples") from None
+    calibration = calibration_record(calib_path, len(calib_ids), args.seq_len, args.calib_samples)
     source = open_source(args.model, folder, args.load_dtype, dtype, device)
     how = "streaming {} one layer at a time" if source.streamed else "loaded {}"
     print(f"{how.format(args.model or 'the reference model')} on {device} in {dtype_name(source.dtype)}; "
-          f"calibration {tuple(calib.shape)} tokens")
-    report = _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, session)
+          f"{calibration_line(calibration)}")
+    report = _prune_and_export(args, source, tokenizer, calib, calibration, dtype, device, runtime, session)
     if report is None:  # a rank other than 0, its share of training done
         return session.wait()
     if args.onnx:
@@ -188,9 +196,10 @@ def _dry_run(args) -> int:
     return 0
 
 
-def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, session) -> dict | None:
+def _prune_and_export(args, source, tokenizer, calib, calibration: dict, dtype, device, runtime,
+                      session) -> dict | None:
     """`prune` and `export` over the dense model's layers, held or streamed; the report (None on a
-    rank other than 0: it trains, rank 0 writes)."""
+    rank other than 0: it trains, rank 0 writes). `calibration`: the calibration text's record."""
     from compress.pipeline import export, prune
 
     t1 = time.perf_counter()
@@ -204,32 +213,28 @@ def _prune_and_export(args, source, tokenizer, calib, dtype, device, runtime, se
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
         result.plan.runtime = runtime
     prune_s = time.perf_counter() - t1
-    quality, comparison = ({}, None) if not args.eval_windows else _quality(source, result, tokenizer, args, device,
-                                                                             calib.to(device))
+    quality, comparison = ([], None) if not args.eval_windows else _quality(source, result, tokenizer, args, device,
+                                                                             calib.to(device), calibration)
     return export(source, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
                   overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size, quality=quality,
-                  comparison=comparison, extra=_extra(args, prune_s), parity_scope=args.parity_scope)
+                  comparison=comparison, extra=_extra(args, prune_s, calibration), parity_scope=args.parity_scope)
 
 
-def _extra(args, prune_s: float) -> dict:
+def _extra(args, prune_s: float, calibration: dict) -> dict:
     return {"base_model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists()
-            else (args.model or "reference"), "prune_seconds": round(prune_s, 2)}
+            else (args.model or "reference"), "prune_seconds": round(prune_s, 2), "calibration": calibration}
 
 
-def _quality(source, result, tokenizer, args, device, calib) -> tuple[dict, object]:
-    """The report's held-out perplexity / KL: (figures of the whole slim model run now, None), the
-    slim model freed on return; for a streamed model, never whole, ({}, a LayerwiseComparison that
-    export runs beside the layers)."""
-    from compress.reference import TEST_TEXT
+def _quality(source, result, tokenizer, args, device, calib, calibration: dict) -> tuple[list, object]:
+    """The report's held-out figures (validation.heldout): (records of the whole slim model run now,
+    None), the slim model freed on return; for a streamed model, never whole, ([], a HeldOutLayerwise
+    that export runs beside the layers)."""
     from compress.probe import build_serving_model
-    from compress.textdata import load_text, token_stream
-    from validation.quality import LayerwiseComparison, compare
+    from validation.heldout import HeldOutLayerwise, evaluate
 
-    text = token_stream(tokenizer, load_text(TEST_TEXT))
     if source.streamed:
-        return {}, LayerwiseComparison(source.model, source.adapter, result.plan, text, args.seq_len,
-                                       args.eval_windows)
+        return [], HeldOutLayerwise(source.model, source.adapter, result.plan, tokenizer, calibration,
+                                    args.eval_windows, args.seq_len)
     slim = build_serving_model(source.model, source.adapter, result.plan, result.replaced, calib)
-    q = compare(slim, source.model, text, seq_len=args.seq_len, max_windows=args.eval_windows, device=device)
-    return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
-            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}, None
+    return evaluate(slim, tokenizer, calibration, reference=source.model, windows=args.eval_windows,
+                    seq_len=args.seq_len, device=device), None

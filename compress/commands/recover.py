@@ -69,7 +69,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--seed", type=int, default=0, help="seed for batch order and initialisation")
     p.add_argument("--eval-windows", type=int, default=32,
-                   help="held-out test windows for the report's perplexity/KL (0 to skip)")
+                   help="windows per held-out text, spread evenly over each, for the report's perplexity/KL (0 to skip)")
     add_scope_argument(p)
     add_threads_argument(p)
     add_save_argument(p)
@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"teacher {base or 'the reference model'} on {device}; training windows {tuple(calib.shape)}")
     store = StateStore(partial_folder(out), args.save_every) if args.save_every > 0 else None
     result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device), store)
-    quality = _quality(model, result, tokenizer, args, device) if args.eval_windows else {}
-    extra = {k: report[k] for k in ("base_model", "prune_seconds") if k in report}
+    quality = _quality(model, result, tokenizer, args, device, report.get("calibration")) if args.eval_windows else []
+    extra = {k: report[k] for k in ("base_model", "prune_seconds", "calibration") if k in report}
     final = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
                    quality=quality, extra={**extra, "recovery": record}, parity_scope=args.parity_scope)
     for line in summary_lines(final):
@@ -119,16 +119,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quality(model, result, tokenizer, args, device) -> dict:
-    """The report's held-out perplexity / KL of the recovered slim model on the shipped test slice."""
+def _quality(model, result, tokenizer, args, device, calibration: dict | None) -> list[dict]:
+    """The report's held-out figures of the recovered slim model (validation.heldout: every shipped
+    evaluation text, in-domain or not against the calibration text the pruned folder recorded)."""
     from compress.adapters import get_adapter
-    from compress.reference import TEST_TEXT
     from compress.slimming import build_slim_model
-    from compress.textdata import load_text, token_stream
-    from validation.quality import compare
+    from validation.heldout import evaluate
 
     slim = build_slim_model(model, get_adapter(model.config), result.plan, result.replaced)
-    q = compare(slim, model, token_stream(tokenizer, load_text(TEST_TEXT)), seq_len=args.seq_len,
-                max_windows=args.eval_windows, device=device)
-    return {"windows": q.windows, "seq_len": args.seq_len, "dense_ppl": q.reference_perplexity,
-            "slim_ppl": q.perplexity, "kl": q.kl, "agreement": q.top1_agreement}
+    return evaluate(slim, tokenizer, calibration, reference=model, windows=args.eval_windows, seq_len=args.seq_len,
+                    device=device)

@@ -36,12 +36,10 @@ On a CPU shared with other jobs, run one torch thread per free core (the command
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from compress.adapters import Adapter, Geometry
@@ -52,7 +50,7 @@ from compress.methods.refit import refit_plan
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
 from compress.checkpoint import Checkpoint, fingerprint
-from compress.training import Batches
+from compress.training import Batches, budget_steps, checkpointed, frozen
 
 __all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
 
@@ -77,31 +75,6 @@ def _layer_masks(g: Geometry, layer: dict[str, torch.Tensor]) -> LayerMasks:
     groups = layer.get(GROUPS)
     heads = None if groups is None else groups.repeat_interleave(g.group_size)
     return LayerMasks(heads=heads, **{k: layer[k] for k in KINDS})
-
-
-@contextlib.contextmanager
-def _frozen(model):
-    """Freeze the dense weights for the duration; only the masks receive gradients."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _checkpointed(layers):
-    """Recompute each decoder layer in backward; works in eval mode (no dropout), mask hooks included."""
-    try:
-        for layer in layers:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
 
 
 @register
@@ -185,10 +158,10 @@ class DISP(Method):
                                                      "batches": stream}, device)
         start, saved = state.restore()
         self.trace = [tuple(t) for t in saved.get("trace", [])]  # (loss, lm loss, kept fraction) per step
-        ckpt = _checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
+        ckpt = checkpointed(adapter.layers(model)) if cuda else contextlib.nullcontext()
         bar = tqdm(range(start, steps), desc="disp", unit="step", dynamic_ncols=True, initial=start, total=steps,
                    disable=not world.writer)
-        with _frozen(model), ckpt, state:
+        with frozen(model), ckpt, state:
             for step in bar:
                 lm, hard = self._masked_loss(model, adapter, net, kinds, world.share(next(stream)).to(device), gen)
                 per_layer = [_params(g, {k: m.sum() for k, m in layer.items()}) for layer in _by_layer(hard, kinds)]
@@ -209,19 +182,11 @@ class DISP(Method):
         hyper.eval()
 
 
-# (FLOPs, most steps) of the default training budget per device type; see the module docstring.
-BUDGETS = {"cpu": (6e14, 2000), "cuda": (1e18, 10000)}
-
-
 def default_steps(model, g: Geometry, batch_size: int, seq_len: int) -> int:
     """Steps of `batch_size` x `seq_len` tokens that fit the device's budget for this model's size."""
-    flops, most = BUDGETS.get(next(model.parameters()).device.type, BUDGETS["cpu"])
     lm_head = model.get_output_embeddings().weight.numel()
     per_step = 6 * (g.num_layers * linear_params(g) + lm_head) * batch_size * seq_len
-    steps = max(1, min(most, int(flops // per_step)))
-    print(f"disp: {steps} steps of {batch_size} x {seq_len} tokens "
-          f"({'the most' if steps == most else 'a budget of ' + format(flops, '.0e') + ' FLOPs'}; --steps to change)")
-    return steps
+    return budget_steps(per_step, next(model.parameters()).device.type, "disp", f"{batch_size} x {seq_len} tokens")
 
 
 def _by_layer(flat: list[torch.Tensor], kinds) -> list[dict[str, torch.Tensor]]:

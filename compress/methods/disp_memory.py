@@ -36,18 +36,18 @@ _T = 32  # measured at _T, 2 * _T and 4 * _T tokens
 def _saved_bytes(disp, model, adapter, kinds, seq: int) -> list[int]:
     """Saved-tensor bytes of one sequence of `seq` tokens: [the hypernetwork's (before the model runs),
     the model's outside its layers, layer 0, layer 1, ...]."""
-    from compress.methods.disp import _frozen
     from compress.methods.disp_hypernet import HyperNetwork
+    from compress.training import frozen
 
     g = adapter.geometry()
     gen = torch.Generator().manual_seed(0)
     hyper = HyperNetwork([w for _ in range(g.num_layers) for _, w in kinds], gen)
-    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, counts, where = set(), [0] * (g.num_layers + 2), [0]
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in frozen and storage.data_ptr() not in seen:
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             counts[where[0]] += storage.nbytes()
         return t
@@ -58,7 +58,7 @@ def _saved_bytes(disp, model, adapter, kinds, seq: int) -> list[int]:
                     layer.register_forward_hook(lambda *a: where.__setitem__(0, 1))]
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=gen)
     try:
-        with _frozen(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with frozen(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             disp._masked_loss(model, adapter, hyper, kinds, ids, gen)
     finally:
         for h in handles:
