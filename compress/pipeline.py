@@ -35,14 +35,17 @@ __all__ = ["prune", "export", "record", "streaming_for", "StreamedResult"]
 
 NOT_STREAMABLE = "method {!r} needs the whole model in memory"
 RUNTIME_NEEDS_WHOLE = "run-time pruning (--runtime) needs the whole model"
+RECOVER_NEEDS_WHOLE = "--recover trains the slim model against the whole dense model"
 
 
-def streaming_for(choice: str, model, method: str | None, runtime: bool, parity_scope: str) -> Path | None:
+def streaming_for(choice: str, model, method: str | None, runtime: bool, parity_scope: str,
+                  recover: bool = False) -> Path | None:
     """`choose_streaming` for a run of `method` (None: checking an export's plan), with run-time
-    pruning or not, under `parity_scope`; "auto" streams where the whole-model checks would not
-    fit in memory (`resolve_scope`)."""
+    pruning or recovery or not, under `parity_scope`; "auto" streams where the whole-model checks
+    would not fit in memory (`resolve_scope`)."""
     why = (NOT_STREAMABLE.format(method) if method and not METHODS[method].streamable
            else RUNTIME_NEEDS_WHOLE if runtime
+           else RECOVER_NEEDS_WHOLE if recover
            else "--parity-scope model runs the whole model" if parity_scope == "model" else None)
     return choose_streaming(choice, model, why, lambda params: resolve_scope("auto", params) == "model")
 

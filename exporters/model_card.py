@@ -13,6 +13,7 @@ import yaml
 
 from compress.helpers import DTYPES, torch_dtype
 from validation.quality_words import quality_markdown
+from validation.zero_shot import zero_shot_table
 
 __all__ = ["model_card", "base_model_id"]
 
@@ -52,7 +53,9 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         _intro(report, base, base_id, meta),
         _size(report, config),
         _layers(report),
+        _recovery(report),
         _quality(report),
+        zero_shot_table(report),
         _parity(report, onnx_dirs),
         _speed(report),
         _use(repo, revision, onnx_dirs, genai_dirs, _quantized(report)),
@@ -130,6 +133,17 @@ def _quality(report: dict) -> str:
     """What calibrated the model and how it does on held-out texts of several kinds, each marked in-domain or not."""
     return "## Calibration and quality against the dense model\n\n" + "\n".join(
         quality_markdown(report.get("calibration"), report.get("quality")))
+
+
+def _recovery(report: dict) -> str:
+    r = report.get("recovery")
+    if not r:
+        return ""
+    how = f"rank-{r['rank']} LoRA adapters, merged" if r.get("lora") else "the kept weights themselves"
+    return ("## Recovery\n\nAfter pruning, the kept weights were distilled from the dense model (KL on the logits; "
+            f"{how}): {r['steps']:,} steps, {r['tokens']:,} tokens of the calibration text, {r['seconds']:,.0f} s. "
+            f"KL to the dense model on {r['held_out_windows']} held-out calibration windows: "
+            f"{r['held_out_kl_before']:.4f} before, {r['held_out_kl_after']:.4f} after.")
 
 
 def _parity(report: dict, onnx_dirs: tuple[str, ...]) -> str:

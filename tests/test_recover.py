@@ -193,3 +193,25 @@ def test_recover_command_rewrites_a_folder(reference, tmp_path):
     assert all(c["passed"] for c in report["parity"])
     assert main(["validate", str(out)]) == 0
     assert main(["recover", str(slim), "--out", str(out), "--steps", "1"]) == 2  # exists: refused
+
+
+def test_export_recover_records_recovery_and_passes_parity(tmp_path, capsys):
+    """`compress export --recover`: the method's plan kept, trained tensors written, a recovery record,
+    every check passed, no training state left; refused in one line where it cannot run."""
+    out = tmp_path / "slim"
+    common = ["--method", "wanda-sp", "--ratio", "0.5", "--calib-samples", "24", "--seq-len", "64",
+              "--eval-windows", "2"]
+    assert main(["export", "--out", str(out), *common, "--recover", "--recover-steps", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rec = report["recovery"]
+    assert rec["steps"] == 4 and rec["held_out_kl_after"] < rec["held_out_kl_before"]
+    assert all(c["passed"] for c in report["parity"]) and (out / "replaced.safetensors").exists()
+    assert not (tmp_path / "slim.partial").exists()
+    assert "recover: held-out KL" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert main(["export", "--out", str(plain), *common]) == 0
+    assert (plain / "plan.json").read_text() == (out / "plan.json").read_text()  # recovery leaves the plan
+    assert main(["export", "--out", str(tmp_path / "p"), "--method", "probe", "--recover"]) == 2
+    assert "Probe Pruning chooses its channels at run time" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "s"), *common, "--recover", "--streaming", "on"]) == 2
+    assert "--recover trains the slim model against the whole dense model" in capsys.readouterr().err

@@ -153,3 +153,28 @@ def test_lm_eval_scores_match_direct_computation(tmp_path):
 
 def test_table_is_empty_without_figures():
     assert zero_shot_table({"method": "disp"}) == ""
+
+
+def test_eval_tasks_on_an_export_lands_in_its_report_and_card(tmp_path, capsys):
+    """`compress eval --model SLIM --tasks piqa --task-data DIR`: a tiny local task on an export of the
+    reference model; the figures go into its report.json, and the model card shows the table."""
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
+    from compress.cli import main
+    from exporters.model_card import model_card
+
+    slim, data = tmp_path / "slim", tmp_path / "data"
+    assert main(["export", "--method", "magnitude", "--ratio", "0.3", "--eval-windows", "0", "--out", str(slim)]) == 0
+    (data / "piqa").mkdir(parents=True)
+    (data / "piqa" / "valid.jsonl").write_text("".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b in [
+        ("To print a value in Python,", "call print on it.", "call len on it."),
+        ("To open a file for reading,", "use open with mode r.", "use open with mode x."),
+        ("To sort a list in place,", "call its sort method.", "call its append method.")]))
+    (data / "piqa" / "valid-labels.lst").write_text("0\n0\n0\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(slim), "--tasks", "piqa", "--task-data", str(data)]) == 0
+    assert "| piqa | 3 |" in capsys.readouterr().out
+    report = json.loads((slim / "report.json").read_text())
+    assert report["zero_shot"]["tasks"]["piqa"]["items"] == 3
+    card = model_card(report, json.loads((slim / "config.json").read_text()), "me/slim")
+    assert "## Zero-shot accuracy" in card and "| piqa | 3 |" in card
+    assert main(["eval", "--model", str(slim), "--tasks", "piqa", "--reference", str(MODEL_DIR)]) == 2

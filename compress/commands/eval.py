@@ -6,7 +6,9 @@ whole text at seed 0, so `compress eval --model SLIM --reference DENSE` gives th
 folder's report.md. Every figure names what it was measured on and, when the model folder's
 report.json records its calibration text, whether that text is in-domain. Give --stride for
 sliding windows over the whole text (more context per token, lower perplexity). --model and
---reference take a folder, a Hub id or a GGUF file, as `compress export` does.
+--reference take a folder, a Hub id or a GGUF file, as `compress export` does. --tasks gives
+zero-shot accuracy instead (lm-evaluation-harness on local task files; kept in the folder's
+report.json, so the model card shows it).
 
 A model's own code (a config.json whose auto_map names modeling files of its folder or Hub
 repository) is run only with --trust-remote-code, with one exception: folders written by
@@ -27,6 +29,7 @@ from compress.errors import CompressError
 from compress.reference import MODEL_DIR
 from compress.texts import EVAL_SEED, EVAL_TEXTS, EVAL_WINDOWS
 from compress.threads import add_threads_argument
+from validation.zero_shot import configure_arguments as configure_zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "it, only folders `compress export` wrote are trusted: plan.json and report.json "
                              "beside this package's own slim model files (modeling_slim.py, ...), byte for byte")
     add_threads_argument(parser)
+    configure_zero_shot(parser)
 
 
 def _count(value: str) -> int | None:
@@ -134,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
         raise CompressError("--stride slides over the whole text: give it with --windows all")
 
     trust = {m: _trusted(m, args.trust_remote_code) for m in (args.model, args.reference) if m is not None}
+    if args.tasks:
+        from validation.zero_shot import run_command
+
+        if args.reference is not None:
+            raise CompressError("--tasks scores the model alone: drop --reference (run once per model)")
+        return run_command(args, trust_remote_code=trust[args.model],
+                           tokenizer=_tokenizer_source(args.model, args.reference))
     tokenizer = load_tokenizer(_tokenizer_source(args.model, args.reference))
     model = load_model(args.model, device=args.device, trust_remote_code=trust[args.model])
     reference = None if args.reference is None else load_model(args.reference, device=args.device,

@@ -17,6 +17,7 @@ from compress.errors import CompressError
 from compress.helpers import DTYPES, SCOPES, check_ratio, dtype_name
 from compress.methods.options import DEFAULTS, DESCRIPTIONS, add_method_arguments
 from compress.commands.ranks import add_arguments as add_ranks_arguments
+from compress.commands.recover import add_recover_arguments
 from compress.texts import EVAL_WINDOWS
 from compress.threads import add_threads_argument
 
@@ -87,6 +88,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
     add_threads_argument(p)
     add_ranks_arguments(p)
+    add_recover_arguments(p)
     add_method_arguments(p)
     p.epilog = "methods:\n" + "\n".join(
         textwrap.fill(text, 96, initial_indent=f"  {name:<11}", subsequent_indent=" " * 13, break_on_hyphens=False)
@@ -135,7 +137,11 @@ def _run(args: argparse.Namespace, session) -> int:
     dtype, device = resolve_dtype(args.dtype), session.device
     t0 = time.perf_counter()
     load_config(args.model)  # the model first, in the order to fix it: folder, config, architecture, weights
-    folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope)
+    if args.recover and args.method == "probe":
+        raise CompressError("--recover trains a static plan's kept weights; Probe Pruning chooses its channels at "
+                            "run time (use --runtime probe on top of a static method instead)")
+    folder = streaming_for(args.streaming, args.model, args.method, runtime is not None, args.parity_scope,
+                           recover=args.recover)
     tokenizer = load_tokenizer(args.model)
     calib_path = Path(args.calib) if args.calib else default_calibration(args.model).path
     calib_ids = token_stream(tokenizer, load_text(calib_path))
@@ -213,11 +219,25 @@ def _prune_and_export(args, source, tokenizer, calib, calibration: dict, dtype, 
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
         result.plan.runtime = runtime
     prune_s = time.perf_counter() - t1
+    extra = _extra(args, prune_s, calibration)
+    if args.recover:
+        result, extra["recovery"] = _recover(args, source.model, result, calib.to(device), session)
     quality, comparison = ([], None) if not args.eval_windows else _quality(source, result, tokenizer, args, device,
                                                                              calib.to(device), calibration)
     return export(source, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
                   overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size, quality=quality,
-                  comparison=comparison, extra=_extra(args, prune_s, calibration), parity_scope=args.parity_scope)
+                  comparison=comparison, extra=extra, parity_scope=args.parity_scope)
+
+
+def _recover(args, model, result, calib, session):
+    """`--recover`: distillation on rank 0 (other ranks wait), its state kept in OUT.partial/ beside
+    the method's (the same command resumes it; a written export removes the folder)."""
+    from compress.checkpoint import StateStore, partial_folder
+    from compress.commands.recover import recover_result
+
+    store = StateStore(partial_folder(args.out), args.save_every) if args.save_every > 0 else None
+    session.store = session.store or store  # removed with the method's state once the export is written
+    return recover_result(args, model, result, calib, store)
 
 
 def _extra(args, prune_s: float, calibration: dict) -> dict:

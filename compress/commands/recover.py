@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from compress.texts import EVAL_WINDOWS
+
 
 # The default compute budget, as the help states it (compress.training.BUDGETS).
 BUDGET_HELP = ("default: as many as fit about an hour of the device: 6e14 FLOPs on CPU, 1e18 on CUDA, at "
@@ -63,12 +65,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: FOLDER-recovered)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (FOLDER itself too)")
     p.add_argument("--device", default="auto", help="device to train on: auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--calib", default=None, help="training text file (default: the shipped calibration slice)")
+    p.add_argument("--calib", default=None,
+                   help="training text file (default: as `compress export`: the broad shipped mix, or for the "
+                        "reference model the calibration slice of its corpus)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="training windows (default: every window of the text, at most 512; up to 16 of them, a quarter at most, are held out for the KL before and after)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--seed", type=int, default=0, help="seed for batch order and initialisation")
-    p.add_argument("--eval-windows", type=int, default=32,
+    p.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
                    help="windows per held-out text, spread evenly over each, for the report's perplexity/KL (0 to skip)")
     add_scope_argument(p)
     add_threads_argument(p)
@@ -85,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from compress.methods.base import PruneResult
     from compress.pipeline import export
     from compress.plan import model_identity
-    from compress.reference import CALIB_TEXT
     from compress.textdata import calibration_windows, load_text, token_stream
+    from compress.texts import default_calibration
     from exporters.hf_folder import check_destination
     from validation.folder_checks import load_export
     from validation.report import summary_lines
@@ -102,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(base, dtype="auto", export_dtype=dtype, device=device)
     plan.check_identity(model_identity(model, get_adapter(model.config).geometry()))
     tokenizer = load_tokenizer(folder)
-    calib = calibration_windows(token_stream(tokenizer, load_text(args.calib or CALIB_TEXT)), args.seq_len,
-                                args.calib_samples)
+    calib_text = load_text(args.calib or default_calibration(base).path)
+    calib = calibration_windows(token_stream(tokenizer, calib_text), args.seq_len, args.calib_samples)
     print(f"teacher {base or 'the reference model'} on {device}; training windows {tuple(calib.shape)}")
     store = StateStore(partial_folder(out), args.save_every) if args.save_every > 0 else None
     result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device), store)
