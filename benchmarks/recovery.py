@@ -2,8 +2,10 @@
 spent on more DISP steps instead.
 
 For each method at --ratio: prune, then score the slim model (perplexity, KL(dense || slim), top-1
-agreement) on --test-windows windows spread evenly over the held-out test slice; then recover it
-for --steps steps and score again. For disp, the plan at --disp-steps is a snapshot of one run
+agreement) on --test-windows windows spread evenly over each shipped held-out text (Python docs,
+code, WikiText-2 test, fiction: validation.heldout); then recover it for --steps steps and score
+again. Calibration: the default text of `compress export` (the broad mix; the reference model's
+own slice for the reference model) unless --calib. For disp, the plan at --disp-steps is a snapshot of one run
 that goes on for as many more steps as cost the recovery's FLOPs (equal total compute). Variants
 of the recovery (--variants, on the first method): LoRA instead of full fine-tuning, at the same
 steps.
@@ -31,22 +33,16 @@ from compress.methods import METHODS, PruneResult  # noqa: E402
 from compress.plan import linear_params  # noqa: E402
 from compress.recover import DEFAULTS, recover  # noqa: E402
 from compress.recover.budget import step_flops  # noqa: E402
-from compress.reference import CALIB_TEXT, MODEL_DIR, TEST_TEXT  # noqa: E402
+from compress.reference import MODEL_DIR  # noqa: E402
 from compress.slimming import build_slim_model  # noqa: E402
-from compress.textdata import calibration_windows, load_text, token_stream, windows  # noqa: E402
+from compress.textdata import calibration_windows, load_text, token_stream  # noqa: E402
+from compress.texts import default_calibration  # noqa: E402
 from quality import record_options, save  # noqa: E402
-from validation.quality import compare  # noqa: E402
+from validation.heldout import calibration_record, evaluate  # noqa: E402
+from validation.quality_words import calibration_line, measured_on  # noqa: E402
 from validation.record import Run, table  # noqa: E402
 
 VARIANTS = {"LoRA": {"lora": True}}
-
-
-def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None) -> torch.Tensor:
-    """`n` windows spread evenly over the stream (all when None), as one stream again for `compare`."""
-    wins = windows(ids, seq_len)
-    if n is not None and n < len(wins):
-        wins = wins[torch.linspace(0, len(wins) - 1, n).round().long()]
-    return wins.reshape(-1)
 
 
 def disp_step_flops(model, adapter, tokens: int) -> float:
@@ -64,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200, help="recovery steps of 4 x 256 tokens")
     ap.add_argument("--disp-steps", type=int, default=500, help="DISP's steps before recovery")
     ap.add_argument("--variants", action="store_true", help="also the loss and LoRA variants, on the first method")
-    ap.add_argument("--calib-windows", type=int, default=None, help="default: the whole calibration slice")
-    ap.add_argument("--test-windows", type=int, default=64, help="spread evenly over the test slice")
+    ap.add_argument("--calib", type=Path, default=None, help="calibration text (default: as compress export)")
+    ap.add_argument("--calib-windows", type=int, default=None, help="default: every window, at most 512, spread")
+    ap.add_argument("--test-windows", type=int, default=32, help="per held-out text, spread evenly over it")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     record_options(ap)
@@ -75,19 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     adapter = get_adapter(model.config)
-    calib = calibration_windows(token_stream(tokenizer, load_text(CALIB_TEXT)), args.seq_len, args.calib_windows)
-    test = spread_windows(token_stream(tokenizer, load_text(TEST_TEXT)), args.seq_len, args.test_windows)
+    calib_path = args.calib or default_calibration(args.model).path
+    calib_ids = token_stream(tokenizer, load_text(calib_path))
+    calib = calibration_windows(calib_ids, args.seq_len, args.calib_windows)
+    calibration = calibration_record(calib_path, len(calib_ids), args.seq_len, args.calib_windows)
     tokens = DEFAULTS["batch_size"] * args.seq_len
-    rows, held = [], [None]
+    rows, held, texts = [], [None], {}
 
     def score(method: str, variant: str, result: PruneResult, extra_flops: float, seconds: float, rec=None):
         slim = build_slim_model(model, adapter, result.plan, result.replaced)
-        q = compare(slim, model, test, seq_len=args.seq_len, progress=False)
         r = rec.record if rec is not None else {}
-        rows.append(dict(method=method, variant=variant, extra_flops=extra_flops, seconds=seconds,
-                         perplexity=q.perplexity, dense=q.reference_perplexity, kl=q.kl, top1=q.top1_agreement,
-                         kl_before=r.get("held_out_kl_before"), kl_after=r.get("held_out_kl_after")))
-        print(rows[-1], flush=True)
+        for q in evaluate(slim, tokenizer, calibration, reference=model, windows=args.test_windows,
+                          seq_len=args.seq_len):
+            texts[q["text"]] = q
+            rows.append(dict(method=method, variant=variant, extra_flops=extra_flops, seconds=seconds,
+                             text=q["text"], in_domain=q["in_domain"], perplexity=q["perplexity"],
+                             dense=q["reference_perplexity"], kl=q["kl"], top1=q["top1_agreement"],
+                             kl_before=r.get("held_out_kl_before"), kl_after=r.get("held_out_kl_after")))
+            print(rows[-1], flush=True)
 
     def recovered(method: str, variant: str, result: PruneResult, **kw):
         rec = recover(model, result, calib, steps=args.steps, seed=args.seed, progress=False, **kw)
@@ -119,16 +121,17 @@ def main(argv: list[str] | None = None) -> int:
 
     g = adapter.geometry()
     columns = [("method", "method"), ("variant", "after pruning"), ("extra_flops", "extra FLOPs", ".2e"),
-               ("seconds", "extra s", ".0f"), ("perplexity", "perplexity", ".2f"), ("kl", "KL", ".4f"),
+               ("seconds", "extra s", ".0f"), ("text", "perplexity on"), ("in_domain", "in-domain"),
+               ("dense", "dense", ".2f"), ("perplexity", "perplexity", ".2f"), ("kl", "KL", ".4f"),
                ("top1", "top-1", ".3f"), ("kl_before", "held-out calib KL before", ".4f"),
                ("kl_after", "after", ".4f")]
     name = "the reference model" if args.model == MODEL_DIR else args.model.name
     save(run, args, f"Recovery by distillation on {name}",
-         f"Model: {name} ({g.num_layers} layers, hidden {g.hidden}); ratio {args.ratio}; calibration "
-         f"{len(calib)} x {args.seq_len} tokens ({held[0]} of them held out by the recovery for its own before/after "
-         f"KL, `held-out calib KL`); test: "
-         f"{args.test_windows} windows of {args.seq_len} spread evenly over the test slice, dense perplexity "
-         f"{rows[0]['dense']:.2f}. Recovery: {args.steps} steps of {DEFAULTS['batch_size']} x {args.seq_len} tokens, "
+         f"Model: {name} ({g.num_layers} layers, hidden {g.hidden}); ratio {args.ratio}; "
+         f"{calibration_line(calibration)} ({held[0]} of the windows held out by the recovery for its own "
+         f"before/after KL, `held-out calib KL`); perplexity on: "
+         + "; ".join(f"{measured_on(q)}, {q['relation']}" for q in texts.values())
+         + f". Recovery: {args.steps} steps of {DEFAULTS['batch_size']} x {args.seq_len} tokens, "
          f"AdamW (lr {DEFAULTS['lr']:g}, LoRA {DEFAULTS['lora_lr']:g}, rank {DEFAULTS['rank']}), warmup "
          f"{DEFAULTS['warmup']:g} then cosine, KL(dense || slim) on the logits. Extra FLOPs: what was spent after the "
          "method's own run (recovery: 2 x dense + 6 x slim weights per token; DISP: its own 6 x dense per token); "
