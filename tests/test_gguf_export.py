@@ -216,3 +216,36 @@ def test_model_card_section_names_the_pushed_files():
     assert "ollama run hf.co/me/m:Q4_K_M" in text and "llama-cli -hf me/m:Q4_K_M" in text
     assert "logits within 3e-06" in text and "KL 0.0200" in text
     assert gguf_section(report, "me/m", ("config.json",)) == ""
+
+
+QUICK = ["--calib-samples", "4", "--seq-len", "32", "--eval-windows", "0", "--threads", "1"]
+
+
+@needs_llamacpp
+def test_export_writes_the_checked_gguf(tmp_path, capsys):
+    """`compress export --gguf` writes and checks the file as `compress gguf` does, recorded in the report."""
+    from test_pipeline import save_dense
+
+    dense, out = save_dense(tiny_model("llama"), tmp_path / "dense"), tmp_path / "slim"
+    argv = ["export", "--model", str(dense), "--method", "flap", "--ratio", "0.3", "--out", str(out), *QUICK]
+    assert main([*argv, "--gguf", "f32"]) == 0
+    entry = json.loads((out / "report.json").read_text())["gguf"]["f32"]
+    assert entry["file"] == "gguf/slim-F32.gguf" and (out / entry["file"]).is_file()
+    assert [c["name"] for c in entry["checks"] if c["passed"]] == ["gguf-tokens", "gguf"]
+
+
+@pytest.mark.parametrize("family,argv,reason", [
+    ("llama", ["--method", "probe"], "Probe Pruning"), ("llama", ["--runtime", "probe"], "Probe Pruning"),
+    ("qwen3", [], "q/k norms"), ("opt", [], "LayerNorm"), ("phi3", [], "rotary on 4 of 8")])
+def test_export_refuses_a_gguf_before_pruning(family, argv, reason, tmp_path, capsys, monkeypatch):
+    import compress.pipeline
+    from test_pipeline import save_dense
+
+    monkeypatch.setattr(compress.pipeline, "prune", lambda *a, **k: pytest.fail("pruning started"))
+    dense, out = save_dense(tiny_model(family), tmp_path / "dense"), tmp_path / "slim"
+    argv = ["export", "--model", str(dense), "--ratio", "0.3", "--out", str(out), *QUICK, *argv, "--gguf", "f32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write a GGUF llama.cpp runs") and err.count("\n") == 1 and reason in err
+    assert not out.exists()

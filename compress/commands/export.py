@@ -16,6 +16,7 @@ from pathlib import Path
 from compress.errors import CompressError
 from compress.helpers import DTYPES, SCOPES, check_ratio, dtype_name
 from compress.methods.options import DEFAULTS, DESCRIPTIONS, add_method_arguments
+from compress.commands.gguf import TYPES as GGUF_TYPES
 from compress.commands.ranks import add_arguments as add_ranks_arguments
 from compress.commands.recover import add_recover_arguments
 from compress.texts import EVAL_WINDOWS
@@ -71,6 +72,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-weights", default="float", choices=["float", "int4"],
                    help="with --onnx: int4 writes DIR/onnx-int4 instead, the decoder layers' weights quantized "
                         "(see `compress onnx --help`)")
+    p.add_argument("--gguf", default=None, choices=GGUF_TYPES,
+                   help="also write DIR/gguf/NAME-TYPE.gguf for llama.cpp as `compress gguf` does, checked "
+                        "unless --no-check; a plan llama.cpp cannot run is refused before pruning")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip parity checks (not recommended)")
     add_scope_argument(p)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
@@ -136,7 +140,11 @@ def _run(args: argparse.Namespace, session) -> int:
     parse_size(args.max_shard_size)
     dtype, device = resolve_dtype(args.dtype), session.device
     t0 = time.perf_counter()
-    load_config(args.model)  # the model first, in the order to fix it: folder, config, architecture, weights
+    config = load_config(args.model)  # the model first, in the order to fix it: folder, config, architecture, weights
+    if args.gguf:
+        from compress.commands.gguf import refuse_before_pruning
+
+        refuse_before_pruning(config, args.method, args.runtime, args.gguf)
     if args.recover and args.method == "probe":
         raise CompressError("--recover trains a static plan's kept weights; Probe Pruning chooses its channels at "
                             "run time (use --runtime probe on top of a static method instead)")
@@ -162,6 +170,10 @@ def _run(args: argparse.Namespace, session) -> int:
         from compress.commands.onnx import export_folder_onnx
 
         export_folder_onnx(out, weights=args.onnx_weights)
+    if args.gguf:
+        from compress.commands.gguf import export_folder_gguf
+
+        export_folder_gguf(out, args.gguf, check=args.check, threads=args.threads)
     from validation.report import summary_lines
 
     for line in summary_lines(report):

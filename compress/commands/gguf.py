@@ -47,15 +47,9 @@ def export_folder_gguf(folder: Path, gguf_type: str = "f32", out: Path | None = 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
-    if gguf_type not in TYPES:
-        raise CompressError(f"unknown GGUF type {gguf_type!r}; choose from {', '.join(TYPES)}")
-    reason = unsupported_reason(json.loads((folder / "config.json").read_text()))
-    if reason:
-        raise CompressError(f"cannot write a GGUF llama.cpp runs: {reason}")
+    _require(gguf_type, unsupported_reason(json.loads((folder / "config.json").read_text())))
     quantized = gguf_type in QUANT_TYPES
     have_llamacpp = importlib.util.find_spec("llama_cpp") is not None
-    if quantized and not have_llamacpp:
-        raise CompressError(f"--type {gguf_type} uses llama.cpp's quantizer: pip install 'compress-llm[llamacpp]'")
     out = Path(out).resolve() if out else default_path(folder, gguf_type)
     with staged_file(out, overwrite) as staging:
         if quantized:
@@ -75,6 +69,40 @@ def export_folder_gguf(folder: Path, gguf_type: str = "f32", out: Path | None = 
                   "(pip install 'compress-llm[llamacpp]')")
     _record(folder, gguf_type, entry)
     return entry
+
+
+def _require(gguf_type: str, reason: str | None) -> None:
+    """One line for what stops a GGUF of `gguf_type`: an unknown type, a quantizer that is not
+    installed, or `reason` (exporters.gguf_export.unsupported_reason)."""
+    from exporters.gguf_quantize import QUANT_TYPES
+
+    if gguf_type not in TYPES:
+        raise CompressError(f"unknown GGUF type {gguf_type!r}; choose from {', '.join(TYPES)}")
+    if reason:
+        raise CompressError(f"cannot write a GGUF llama.cpp runs: {reason}")
+    if gguf_type in QUANT_TYPES and importlib.util.find_spec("llama_cpp") is None:
+        raise CompressError(f"--type {gguf_type} uses llama.cpp's quantizer: pip install 'compress-llm[llamacpp]'")
+
+
+def refuse_before_pruning(config, method: str, runtime: str | None, gguf_type: str) -> None:
+    """`compress export --gguf`: raise now what export_folder_gguf would raise after minutes of pruning.
+    The slim config's switches come from the dense config and the method alone: the family's adapter
+    and a weightless copy of the model on the meta device (its rotary module: rotated dims, scaling)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compress.adapters import get_adapter
+    from exporters.gguf_export import unsupported_reason
+
+    if method == "probe" or runtime == "probe":
+        return _require(gguf_type, unsupported_reason({"probe": True}))
+    adapter = get_adapter(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inv_freq, scaling = adapter.rotary(model)
+    slim = {**adapter.slim_settings(), "base_model_type": config.model_type, "head_dim": adapter.geometry().head_dim,
+            "rope_dim": None if inv_freq is None else 2 * inv_freq.shape[0], "rope_attention_scaling": scaling}
+    _require(gguf_type, unsupported_reason(slim))
 
 
 def _entry(folder: Path, out: Path, gguf_type: str, layout, size: int) -> dict:
