@@ -28,6 +28,24 @@ def _is_onnx(path_in_repo: str) -> bool:
     return "/" in path_in_repo and (top == "onnx" or top.startswith("onnx-"))  # DIR/onnx, DIR/onnx-float16
 
 
+def _is_gguf(path_in_repo: str) -> bool:
+    return path_in_repo.endswith(".gguf")
+
+
+def _optional(folder: Path, files: dict[str, Path], is_part, include: bool, what: str, make: str,
+              flag: str) -> tuple[dict[str, Path], tuple[str, ...]]:
+    """(the files to upload, the paths of the optional part among them): ONNX folders and GGUF files
+    are large and go up only when asked for, and asking for one that is not there is an error."""
+    part = tuple(p for p in files if is_part(p))
+    if include and not part:
+        raise CompressError(f"{folder} has no {what}: run `{make} {folder}` first, or push without {flag}")
+    if include or not part:
+        return files, part
+    tops = sorted({p.split("/")[0] + "/" if "/" in p else p for p in part})
+    log.warning(f"not uploading {', '.join(tops)} (add {flag} to push {'it' if len(tops) == 1 else 'them'})")
+    return {p: f for p, f in files.items() if not is_part(p)}, ()
+
+
 def _upload_files(folder: Path) -> dict[str, Path]:
     """Path in the repo -> local file, for every file of the folder (hidden files and caches left out)."""
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
@@ -82,24 +100,20 @@ def require_token() -> str:
 
 
 def push_folder(folder: Path, repo: str, private: bool = False, revision: str | None = None,
-                include_onnx: bool = False, message: str = DEFAULT_MESSAGE) -> str:
+                include_onnx: bool = False, message: str = DEFAULT_MESSAGE, include_gguf: bool = False) -> str:
     """Create `repo` if needed (and the branch `revision`), then commit the folder and its card in
-    one commit; returns the commit URL. ONNX folders go up only with include_onnx."""
+    one commit; returns the commit URL. ONNX folders go up only with include_onnx, GGUF files only
+    with include_gguf."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder).resolve()
     if not (folder / "report.json").is_file() or not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: no report.json/config.json; not a folder written by `compress export`")
-    files = _upload_files(folder)
-    onnx_dirs = tuple(sorted({p.split("/")[0] for p in files if _is_onnx(p)}))
-    if include_onnx and not onnx_dirs:
-        raise CompressError(f"{folder} has no ONNX model: run `compress onnx {folder}` first, or push without "
+    files, onnx = _optional(folder, _upload_files(folder), _is_onnx, include_onnx, "ONNX model", "compress onnx",
                             "--include-onnx")
-    if not include_onnx:
-        files = {p: f for p, f in files.items() if not _is_onnx(p)}
-        if onnx_dirs:
-            log.warning(f"not uploading {', '.join(d + '/' for d in onnx_dirs)} (add --include-onnx to push it)")
-            onnx_dirs = ()
+    files, gguf_files = _optional(folder, files, _is_gguf, include_gguf, "GGUF file", "compress gguf",
+                                  "--include-gguf")
+    onnx_dirs = tuple(sorted({p.split("/")[0] for p in onnx}))
     token = require_token()
     api = HfApi(token=token)
     operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
@@ -110,7 +124,7 @@ def push_folder(folder: Path, repo: str, private: bool = False, revision: str | 
         config = json.loads((folder / "config.json").read_text())
         genai_dirs = tuple(d for d in onnx_dirs if f"{d}/genai_config.json" in files)
         card = model_card(report, config, repo, _base_card(str(report.get("base_model", "reference")), api),
-                          onnx_dirs, revision, genai_dirs)
+                          onnx_dirs, revision, genai_dirs, gguf_files)
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     try:
         api.create_repo(repo, private=private or None, exist_ok=True)

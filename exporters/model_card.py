@@ -12,6 +12,7 @@ from pathlib import PurePath
 import yaml
 
 from compress.helpers import DTYPES, torch_dtype
+from exporters.gguf_card import gguf_section
 from validation.quality_words import quality_markdown
 from validation.zero_shot import zero_shot_table
 
@@ -35,10 +36,12 @@ def base_model_id(base: str) -> str | None:
 
 
 def model_card(report: dict, config: dict, repo: str, base_card: dict | None = None, onnx_dirs: tuple[str, ...] = (),
-               revision: str | None = None, genai_dirs: tuple[str, ...] = ()) -> str:
+               revision: str | None = None, genai_dirs: tuple[str, ...] = (),
+               gguf_files: tuple[str, ...] = ()) -> str:
     """README.md for `repo`. `base_card`: the dense model's card metadata when known (its licence
     is carried over); `onnx_dirs`: the ONNX folders uploaded beside the weights; `genai_dirs`: those
-    of them onnxruntime-genai can run (a genai_config.json inside)."""
+    of them onnxruntime-genai can run (a genai_config.json inside); `gguf_files`: the GGUF files
+    uploaded (their llama.cpp / ollama lines)."""
     base = str(report.get("base_model", "reference"))
     base_id = base_model_id(base)
     meta = {}
@@ -46,7 +49,7 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         meta.update(base_model=base_id, base_model_relation="pruned")
     meta.update(library_name="transformers", pipeline_tag="text-generation")
     meta.update({k: v for k, v in (base_card or {}).items() if k in ("license", "license_name", "license_link") and v})
-    meta["tags"] = ["compress", "pruned", "structured-pruning", report["method"]]
+    meta["tags"] = ["compress", "pruned", "structured-pruning", report["method"]] + ["gguf"] * bool(gguf_files)
     sections = [
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---",
         f"# {repo.split('/')[-1]}",
@@ -59,6 +62,7 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         _parity(report, onnx_dirs),
         _speed(report),
         _use(repo, revision, onnx_dirs, genai_dirs, _quantized(report)),
+        gguf_section(report, repo, gguf_files),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 

@@ -89,7 +89,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
                         "reads the config only")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
-                   help="then push the folder (with its ONNX when --onnx) to this Hub repository, as `compress push` does")
+                   help="then push the folder (with its ONNX, GGUF when --onnx, --gguf) to this Hub repository, as "
+                        "`compress push` does")
     add_threads_argument(p)
     add_ranks_arguments(p)
     add_recover_arguments(p)
@@ -182,7 +183,8 @@ def _run(args: argparse.Namespace, session) -> int:
     if args.push_to_hub:
         from exporters.hub import push_folder
 
-        print(f"pushed {out} to {push_folder(out, args.push_to_hub, include_onnx=args.onnx)}")
+        url = push_folder(out, args.push_to_hub, include_onnx=args.onnx, include_gguf=bool(args.gguf))
+        print(f"pushed {out} to {url}")
     session.done()
     return 0
 
