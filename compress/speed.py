@@ -23,8 +23,8 @@ from transformers import DynamicCache
 
 from compress.slim.modeling_slim import CACHE_NAME
 
-__all__ = ["Speed", "Timer", "measure", "bytes_per_token", "read_bandwidth", "torch_timer", "onnx_timer", "genai_timer",
-           "format_table", "peer_engine"]
+__all__ = ["Speed", "Timer", "measure", "bytes_per_token", "gguf_bytes_per_token", "read_bandwidth", "torch_timer",
+           "onnx_timer", "genai_timer", "format_table", "peer_engine"]
 
 @dataclass
 class Speed:
@@ -56,8 +56,35 @@ def bytes_per_token(model, batch: int, context: int, graph: str | Path | None = 
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT: no grouped KV heads
     kv_heads = getattr(c, "layer_kv_heads", None) or [heads] * c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = sum(2 * n * head_dim * context * elem * batch for n in kv_heads)
-    return weights + kv
+    return weights + _kv_bytes(kv_heads, head_dim, context, elem, batch)
+
+
+def _kv_bytes(kv_heads: list[int], head_dim: int, context: int, elem: int, batch: int) -> int:
+    """The KV cache a decode step reads: keys and values of `context` tokens in every layer."""
+    return sum(2 * n * head_dim * context * elem * batch for n in kv_heads)
+
+
+def gguf_bytes_per_token(path: str | Path, batch: int, context: int, kv_elem: int = 2) -> int:
+    """`bytes_per_token` of a GGUF file run by llama.cpp: its tensors as stored (quantized blocks
+    included), of the token embedding only `batch` rows (unless it is also the LM head: a tied
+    head), and its KV cache (llama.cpp's default float16: `kv_elem` 2) per layer's KV heads."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.pop("token_embd.weight")
+    tied = "output.weight" not in tensors
+    weights = sum(int(t.n_bytes) for t in tensors.values())
+    weights += int(embd.n_bytes) if tied else batch * int(embd.n_bytes) // int(embd.shape[-1])  # ggml order: vocab last
+    arch = reader.fields["general.architecture"].contents()
+    kv_heads = reader.fields[f"{arch}.attention.head_count_kv"].contents()
+    layers = reader.fields[f"{arch}.block_count"].contents()
+    kv_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * layers
+    key = reader.fields.get(f"{arch}.attention.key_length")  # absent: the embedding split over the heads
+    heads = reader.fields[f"{arch}.attention.head_count"].contents()
+    head_dim = key.contents() if key else reader.fields[f"{arch}.embedding_length"].contents() // max(
+        heads if isinstance(heads, int) else heads[0], 1)
+    return weights + _kv_bytes(kv_heads, head_dim, context, kv_elem, batch)
 
 
 def _weight_bytes(model, batch: int) -> int:

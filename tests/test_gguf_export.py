@@ -249,3 +249,25 @@ def test_export_refuses_a_gguf_before_pruning(family, argv, reason, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write a GGUF llama.cpp runs") and err.count("\n") == 1 and reason in err
     assert not out.exists()
+
+
+@needs_llamacpp
+def test_bench_times_dense_and_slim_ggufs_in_llamacpp(tmp_path, capsys):
+    """`compress bench --llamacpp TYPE`: a llama.cpp row for the dense and each slim model, their
+    ideal decode speedup from the GGUF files' bytes (no timing asserted)."""
+    argv = ["bench", "--no-onnx", "--no-peer", "--ratio", "0.5", "--repeats", "1", "--prompt", "8", "--new-tokens", "2",
+            "--threads", "1", "--llamacpp", "q8_0", "--json", str(tmp_path / "speed.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| llama.cpp (q8_0) | dense |" in out and "| llama.cpp (q8_0) | magnitude@0.5 |" in out, out
+    rows = {r["model"]: r for r in json.loads((tmp_path / "speed.json").read_text())["data"]["rows"]
+            if r["engine"] == "llama.cpp (q8_0)"}
+    assert 1.5 < rows["dense"]["bytes_per_token"] / rows["magnitude@0.5"]["bytes_per_token"] < 2.5
+
+
+def test_bench_without_llamacpp_is_one_line(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+    assert main(["bench", "--no-onnx", "--no-peer", "--llamacpp", "q4_k_m"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'compress-llm[llamacpp]'" in err

@@ -13,7 +13,9 @@ shape (also llama3.2-1b, llama3-8b); --layers shortens it to fit smaller machine
 measured decode speedup: the ideal one (from the bytes a decode step reads: every weight, one
 embedding row per sequence, the KV cache; quantized weights as stored), the share of the
 machine's measured read bandwidth that decode achieves (the roofline) and, with the peer, the
-decode speed over the peer's. Every engine runs at torch's thread count (--threads).
+decode speed over the peer's. --llamacpp TYPE adds llama.cpp rows: every model as a GGUF of that
+type (the dense one too, so both sides run the same architecture, writer and quantizer), its ideal
+speedup from the bytes of the files. Every engine runs at torch's thread count (--threads).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from compress.commands.gguf import TYPES as GGUF_TYPES
 from compress.helpers import DTYPES
 from compress.threads import add_threads_argument
 
@@ -69,6 +72,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip the peer: the dense model converted by onnxruntime-genai's model builder and run by "
                         "onnxruntime-genai (CPU, float32; needs pip install 'compress-llm[peer]')")
+    p.add_argument("--llamacpp", default=None, choices=GGUF_TYPES, metavar="TYPE",
+                   help="also time every model as a GGUF of TYPE in llama.cpp (written as `compress gguf` writes it; "
+                        f"{', '.join(GGUF_TYPES)}; batch 1; needs pip install 'compress-llm[llamacpp]')")
     p.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
     p.add_argument("--json", type=Path, default=None,
                    help="write the table as a benchmark record (command line, date, machine, library versions; "
@@ -94,11 +100,13 @@ def _dense(args, device, dtype):
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     import torch
 
     from compress.adapters import get_adapter
     from compress.errors import CompressError
-    from compress.loading import load_folder_model, resolve_device, resolve_dtype
+    from compress.loading import load_folder_model, load_tokenizer, resolve_device, resolve_dtype
     from compress.pipeline import prune
     from compress.plan import Plan
     from compress.probe import build_serving_model
@@ -111,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.random_plan and not args.ratio:
         raise CompressError("--random-plan draws plans at the --ratio values: give at least one")
+    if args.llamacpp and importlib.util.find_spec("llama_cpp") is None:
+        raise CompressError("--llamacpp runs llama.cpp: pip install 'compress-llm[llamacpp]'")
+    if args.llamacpp and args.batch != 1:
+        raise CompressError("--llamacpp times llama.cpp at batch 1: drop --batch or --llamacpp")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     dense, name = _dense(args, device, dtype)
@@ -121,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     calib = None
     for ratio in args.ratio:
         if calib is None and args.method != "magnitude":
-            from compress.loading import load_tokenizer
             from compress.reference import CALIB_TEXT
             from compress.textdata import load_text, token_stream, windows
 
@@ -140,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         timers += [torch_timer(m, label, **shape) for label, m in slims.items()]
         if args.onnx:
             timers += _onnx_timers(slims, dtype, shape, args.onnx_graph, args.onnx_weights, Path(tmp))
+        if args.llamacpp:
+            timers += _llamacpp_timers(slims, {f.name: f for f in args.slim}, load_tokenizer(args.model),
+                                       args.llamacpp, shape, Path(tmp))
         if args.peer:
             for precision in ["fp32"] + (["int4"] if "int4" in args.onnx_weights else []):
                 timers += _peer_timers(dense, args.model if args.shape is None else None, device, dtype, shape,
@@ -218,6 +232,45 @@ def _onnx_timers(slims: dict, dtype: torch.dtype, shape: dict, graphs: list[str]
                     engine = "onnxruntime-genai (ours, fused graph" + ("" if kind == "float" else f", {kind}") + ")"
                     genai.append(genai_timer(out, m, engine, label, **shape, graph=quantized))
     return timers + genai
+
+
+def _llamacpp_timers(slims: dict, folders: dict[str, Path], tokenizer, gguf_type: str, shape: dict,
+                     tmp: Path) -> list:
+    """llama.cpp timers of every model as a GGUF of `gguf_type`, written by `compress gguf`'s code
+    from its folder (a model built here is saved as one first); a slim model llama.cpp cannot run
+    (Probe Pruning) is skipped with a note, a dense one is an error."""
+    import shutil
+
+    import torch
+
+    from compress.commands.gguf import write_file
+    from compress.errors import UnsupportedModelError
+    from compress.runtime.llamacpp_runner import llamacpp_timer
+    from exporters.hf_folder import write_model_files, write_weights
+
+    timers, threads = [], torch.get_num_threads()
+    for i, (label, m) in enumerate(slims.items()):
+        folder, path = folders.get(label), tmp / f"llamacpp-{i}.gguf"
+        if folder is None:
+            folder = tmp / f"llamacpp-{i}"
+            folder.mkdir()
+            sd = {k: v.detach().float().cpu() for k, v in m.state_dict().items()}
+            if m.config.tie_word_embeddings:
+                sd.pop("lm_head.weight", None)
+            write_weights(folder, sd)
+            write_model_files(folder, m.config, tokenizer)
+        try:
+            write_file(folder, path, gguf_type, threads, label)
+        except UnsupportedModelError as e:
+            if label == "dense":
+                raise
+            print(f"llama.cpp skipped for {label}: {e}")
+            continue
+        finally:
+            if folder.parent == tmp:
+                shutil.rmtree(folder)
+        timers.append(llamacpp_timer(path, label, f"llama.cpp ({gguf_type})", **shape, threads=threads))
+    return timers
 
 
 def _peer_timers(dense, tokenizer_source, device, dtype, shape: dict, tmp: Path, precision: str = "fp32") -> list:

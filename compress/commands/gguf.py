@@ -41,26 +41,17 @@ def default_path(folder: Path, gguf_type: str) -> Path:
 def export_folder_gguf(folder: Path, gguf_type: str = "f32", out: Path | None = None, overwrite: bool = False,
                        check: bool = True, threads: int | None = None) -> dict:
     """Write (and check) the GGUF of `folder`; returns the entry recorded under report.json's "gguf"."""
-    from exporters.gguf_export import unsupported_reason, write_gguf
-    from exporters.gguf_quantize import QUANT_BLOCK, QUANT_TYPES, quantize_gguf, staged_file
+    from exporters.gguf_export import unsupported_reason
+    from exporters.gguf_quantize import staged_file
 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
     _require(gguf_type, unsupported_reason(json.loads((folder / "config.json").read_text())))
-    quantized = gguf_type in QUANT_TYPES
     have_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     out = Path(out).resolve() if out else default_path(folder, gguf_type)
     with staged_file(out, overwrite) as staging:
-        if quantized:
-            source = staging.with_name(staging.name + ".f32")
-            try:
-                layout = write_gguf(folder, source, "f32", mlp_multiple=QUANT_BLOCK, name=folder.name)
-                quantize_gguf(source, staging, gguf_type, threads or 0)
-            finally:
-                source.unlink(missing_ok=True)
-        else:
-            layout = write_gguf(folder, staging, gguf_type, name=folder.name)
+        layout = write_file(folder, staging, gguf_type, threads, folder.name)
         entry = _entry(folder, out, gguf_type, layout, staging.stat().st_size)
         if check and have_llamacpp:
             entry.update(_check(folder, staging, gguf_type, threads))
@@ -69,6 +60,23 @@ def export_folder_gguf(folder: Path, gguf_type: str = "f32", out: Path | None = 
                   "(pip install 'compress-llm[llamacpp]')")
     _record(folder, gguf_type, entry)
     return entry
+
+
+def write_file(folder: Path, path: Path, gguf_type: str, threads: int | None = None, name: str | None = None):
+    """The GGUF of `folder` at `path`, its layout returned: float types written by us, quantized ones
+    by llama.cpp's quantizer from a float32 file whose MLP widths are padded to its blocks."""
+    from exporters.gguf_export import write_gguf
+    from exporters.gguf_quantize import QUANT_BLOCK, QUANT_TYPES, quantize_gguf
+
+    if gguf_type not in QUANT_TYPES:
+        return write_gguf(folder, path, gguf_type, name=name)
+    source = path.with_name(path.name + ".f32")
+    try:
+        layout = write_gguf(folder, source, "f32", mlp_multiple=QUANT_BLOCK, name=name)
+        quantize_gguf(source, path, gguf_type, threads or 0)
+    finally:
+        source.unlink(missing_ok=True)
+    return layout
 
 
 def _require(gguf_type: str, reason: str | None) -> None:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-__all__ = ["LlamaCppModel", "llamacpp_speed", "decode_bytes"]
+__all__ = ["LlamaCppModel", "llamacpp_timer"]
 
 
 class LlamaCppModel:
@@ -58,39 +58,28 @@ class LlamaCppModel:
         self.llm.close()
 
 
-def llamacpp_speed(path: str | Path, threads: int, prompt_tokens: int = 128, new_tokens: int = 64,
-                   repeats: int = 3) -> dict:
-    """Prefill and decode tokens/s of a GGUF in llama.cpp at `threads` threads, best of `repeats`.
-
-    Decode feeds fixed tokens one step at a time (no sampling), so only the model's work is timed;
-    llama.cpp's default float16 KV cache, as a user would run it.
-    """
+def llamacpp_timer(path: str | Path, name: str, engine: str, batch: int, prompt: int, new_tokens: int,
+                   threads: int):
+    """compress.speed's Timer of a GGUF in llama.cpp at `threads` threads (batch 1): prefill = the
+    prompt in one batch, decode = `new_tokens` steps of one token each, fed fixed tokens (no
+    sampling: only the model's work is timed); llama.cpp's default float16 KV cache, as a user
+    would run it. Its bytes: compress.speed.gguf_bytes_per_token of the file."""
     from compress.llamacpp_import import llama_cpp
+    from compress.speed import Timer, gguf_bytes_per_token
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens, n_batch=prompt_tokens,
-                          n_ubatch=prompt_tokens, n_threads=threads, n_threads_batch=threads, verbose=False)
-    vocab = llm.n_vocab()
-    prompt = [(7 * i + 3) % vocab for i in range(prompt_tokens)]
-    prefill = decode = float("inf")
-    for _ in range(repeats):
+    if batch != 1:
+        raise ValueError("llama.cpp is timed at batch 1")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt + new_tokens + 1, n_batch=prompt, n_ubatch=prompt,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), prompt).tolist()
+
+    def once() -> tuple[float, float]:
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval(prompt)
+        llm.eval(ids)
         t1 = time.perf_counter()
         for i in range(new_tokens):
-            llm.eval([prompt[i % prompt_tokens]])
-        t2 = time.perf_counter()
-        prefill, decode = min(prefill, t1 - t0), min(decode, t2 - t1)
-    llm.close()
-    return {"threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": new_tokens / decode}
+            llm.eval([ids[i % prompt]])
+        return t1 - t0, time.perf_counter() - t1
 
-
-def decode_bytes(path: str | Path) -> int:
-    """Weight bytes one decode step reads: every tensor, except that of the token embedding only a row
-    is read (unless it is also the output matrix, a tied head)."""
-    from gguf import GGUFReader
-
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
-    embd = tensors.pop("token_embd.weight")
-    return sum(tensors.values()) + (0 if "output.weight" in tensors else embd)
+    return Timer(engine, name, gguf_bytes_per_token(path, batch, prompt + new_tokens // 2), once)
