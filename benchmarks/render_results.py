@@ -29,7 +29,8 @@ README = HERE.parent / "README.md"
 
 # Sections in reading order (any other record comes after these, by name).
 ORDER = ["quality-reference", "quality-smollm2", "zero-shot-smollm2", "probe-reference", "tyr-reference",
-         "disp-reference", "parity-reference", "parity-smollm2", "speed-smollm2", "speed-llama2-7b-shape",
+         "disp-reference", "parity-reference", "parity-smollm2", "gguf-parity-smollm2", "speed-smollm2",
+         "speed-llamacpp-smollm2", "speed-llama2-7b-shape",
          "memory-llama3.2-1b", "memory-llama2-7b"]
 # Sections the documentation expects that have no record from the current code yet: (command, note).
 PLANNED = {

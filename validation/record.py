@@ -29,7 +29,8 @@ __all__ = ["SCHEMA", "Run", "table", "machine", "versions", "command_line"]
 
 SCHEMA = 1
 # Distributions whose versions a record keeps (absent ones are recorded as null).
-DISTRIBUTIONS = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "compress-llm")
+DISTRIBUTIONS = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "llama_cpp_python",
+                 "compress-llm")
 # Environment variables that change what a benchmark measures, kept with its command line.
 ENVIRONMENT = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 ROOT = Path(__file__).resolve().parent.parent
