@@ -83,6 +83,7 @@ class Adapter:
     model_types: tuple[str, ...] = ("llama",)
     norm = "rms"
     qk_norm = False
+    stock_head_dim = True  # the stock config takes head_dim, so query heads can be pruned (compress.stock)
 
     def __init__(self, config):
         self.config = config
@@ -120,6 +121,11 @@ class Adapter:
             "max_position_embeddings": c.max_position_embeddings,
             "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
         }
+
+    def stock_widths(self, heads: int, kv_heads: int, intermediate: int) -> dict:
+        """The stock config's keys for uniform kept widths (compress.stock)."""
+        return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
+                "head_dim": self.geometry().head_dim}
 
     # --- modules -------------------------------------------------------------------------
     def decoder(self, model) -> nn.Module:
@@ -185,6 +191,7 @@ class OPTAdapter(Adapter):
 
     model_types = ("opt",)
     norm = "layer"
+    stock_head_dim = False  # OPTAttention takes hidden_size // heads per head
 
     def check_config(self, config) -> None:
         if not config.do_layer_norm_before:
@@ -207,6 +214,9 @@ class OPTAdapter(Adapter):
             "attention_window": None, "max_position_embeddings": c.max_position_embeddings,
             "tie_word_embeddings": bool(c.tie_word_embeddings),
         }
+
+    def stock_widths(self, heads: int, kv_heads: int, intermediate: int) -> dict:
+        return {"ffn_dim": intermediate}
 
     def parts(self, layer) -> LayerParts:
         a = layer.self_attn

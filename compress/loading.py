@@ -193,11 +193,14 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
 
 
 def load_folder_model(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """A local folder's model run by the folder's own code (an export's modeling_slim.py), in eval mode."""
+    """A local folder's model run by the folder's own code (an export's modeling_slim.py) where its
+    config names it (auto_map), else by transformers' own class (a stock-layout export), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    with _code_copy_removed(folder):
-        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype).eval()
+    config = Path(folder) / "config.json"
+    code = not config.is_file() or "auto_map" in json.loads(config.read_text())
+    with _code_copy_removed(folder, code):
+        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=code, dtype=dtype).eval()
 
 
 @contextmanager

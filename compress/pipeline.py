@@ -25,6 +25,7 @@ from compress.methods import METHODS, PruneResult
 from compress.methods.select import ScoredMethod
 from compress.slimming import build_slim_model, slim_config, slim_layer_state_dict, slim_shared_state_dict
 from compress.source import LayerSource, as_source, choose_streaming, spill_folder
+from compress.stock import choose_layout, stock_config, stock_layer, stock_mismatch, stock_shared
 from exporters.hf_folder import REPLACED_FILE, ShardWriter, staged_folder, write_model_files
 from validation.folder_checks import check_scope, files_check
 from validation.parity import (TOLERANCES, LayerChecker, check_files, probe_checks, raise_on_failure,
@@ -121,7 +122,7 @@ def record(plan, identity: dict, method: str, ratio: float, m, seed: int) -> Non
 def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib: torch.Tensor | None = None,
            dtype: torch.dtype | None = None, overwrite: bool = False, check: bool = True,
            max_shard_size: str | int = "2GB", quality: dict | None = None, comparison=None,
-           extra: dict | None = None, parity_scope: str = "auto") -> dict:
+           extra: dict | None = None, parity_scope: str = "auto", layout: str = "slim") -> dict:
     """Write the slim folder (weights, config, modeling code, tokenizer, plan, report) atomically.
 
     With `check`, parity runs on `calib` token windows (or random tokens), and a failure raises
@@ -129,7 +130,9 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
     before writing, "layers" checks each layer as it is written, "auto" the first where its
     float64 copies fit in memory (a streamed model: "layers"). The report's quality figures are
     `quality`, or what `comparison` (validation.quality.LayerwiseComparison on held-out text)
-    measures beside the export. Returns the report.
+    measures beside the export. `layout` (compress.stock): "stock" writes the dense family's own
+    config and tensor names (no remote code), "slim" the slim model, "auto" stock where the plan
+    allows. Returns the report.
     """
     source = as_source(model)
     model, adapter, plan, replaced = source.model, source.adapter, result.plan, result.replaced
@@ -137,6 +140,10 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
     ids = calib if calib is not None else torch.randint(0, model.config.vocab_size, (3, 48),
                                                         generator=torch.Generator().manual_seed(0))
     scope = check_scope(source, parity_scope)
+    rewrites_later = isinstance(result, StreamedResult) and result.method is not None and \
+        type(result.method).layer_replaced is not ScoredMethod.layer_replaced
+    rewritten = None if rewrites_later else set(replaced)
+    stock = choose_layout(layout, model, adapter, plan, rewritten) == "stock"
     if plan.runtime and source.streamed:
         raise CompressError(RUNTIME_NEEDS_WHOLE)
     pp = _probe_model(source, result, calib) if plan.runtime else None
@@ -166,7 +173,7 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
                 writer.add(prefix + k, v)
 
         shared = slim_shared_state_dict(model, adapter, replaced)
-        write("", shared)
+        write("", stock_shared(model, adapter, shared) if stock else shared)
         with torch.no_grad():
             for i, layer in source.layers("slimming layers"):
                 own = _layer_replaced(result, adapter, layer, source.prefixes[i], i)
@@ -175,28 +182,37 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
                     checker.step(i, layer, own, sd, source.prefixes[i])
                 if comparison is not None:
                     comparison.step(i, layer, sd, slim_config(model, adapter, plan, own))
-                write(f"model.layers.{i}.", sd)
+                if stock:
+                    write("", stock_layer(adapter, layer, source.prefixes[i], sd))
+                else:
+                    write(f"model.layers.{i}.", sd)
         if pp is not None:
             write("", {k: v for k, v in pp.state_dict().items() if ".probe_" in k})
         if checker is not None:
             checks, parity_s = [checker.finish(shared)], time.perf_counter() - t0
             _print_and_raise(checks)
-        extra = {**(extra or {}), **({"parity_seconds": round(parity_s, 2), "parity_scope": scope} if check else {}),
+        extra = {**(extra or {}), "layout": "stock" if stock else "slim",
+                 **({"parity_seconds": round(parity_s, 2), "parity_scope": scope} if check else {}),
                  **({"streamed": True} if source.streamed else {})}
         quality = comparison.finish(shared) if comparison is not None else quality
         total = writer.close()
-        config = slim_config(model, adapter, plan, replaced)
-        config.dtype = dtype_name(shapes["model.embed_tokens.weight"].dtype)
+        dtype_written = dtype_name(next(iter(shapes.values())).dtype)  # the embeddings come first
+        config = (stock_config(model, adapter, plan, dtype_written) if stock
+                  else slim_config(model, adapter, plan, replaced))
+        config.dtype = dtype_written
+        mismatch = stock and stock_mismatch(config, shapes)
+        if mismatch:
+            raise CompressError(mismatch)
         if pp is not None:
             extra["runtime"] = _probe_config(config, pp, plan)
             del pp
-        write_model_files(folder, config, tokenizer, getattr(model, "generation_config", None))
+        write_model_files(folder, config, tokenizer, getattr(model, "generation_config", None), code=not stock)
         plan.save(folder / "plan.json")
         if replaced:
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))
         why = "streamed export" if source.streamed else "layer scope"
         files = (check_files(folder, model, adapter, plan, replaced, kept, scope) if scope == "model" else
-                 files_check(config.dtype, writer.problem, "every shard read back equal to the layer-checked "
+                 files_check(dtype_written, writer.problem, "every shard read back equal to the layer-checked "
                                                            f"slim tensors (model not run: {why})"))
         _print_and_raise([files])
         report = build_report(model, adapter, plan, shapes, checks + [files], TOLERANCES, quality=quality,

@@ -264,10 +264,11 @@ def tensors_differ(folder: Path, names: dict[str, str], expected: dict[str, torc
     return None
 
 
-def write_model_files(folder: Path, config, tokenizer=None, generation_config=None) -> None:
-    """config.json (with auto_map), the slim modeling files, tokenizer and generation config."""
+def write_model_files(folder: Path, config, tokenizer=None, generation_config=None, code: bool = True) -> None:
+    """config.json, the slim modeling files (`code`; a stock-layout folder runs without them),
+    tokenizer and generation config."""
     config.save_pretrained(folder)
-    for src in SOURCE_FILES:
+    for src in SOURCE_FILES if code else ():
         shutil.copy(src, folder / src.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

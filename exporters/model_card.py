@@ -61,7 +61,7 @@ def model_card(report: dict, config: dict, repo: str, base_card: dict | None = N
         zero_shot_table(report),
         _parity(report, onnx_dirs),
         _speed(report),
-        _use(repo, revision, onnx_dirs, genai_dirs, _quantized(report)),
+        _use(repo, revision, onnx_dirs, genai_dirs, _quantized(report), _stock(report, config)),
         gguf_section(report, repo, gguf_files),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
@@ -192,8 +192,13 @@ def _quantized(report: dict) -> dict[str, str]:
     return out
 
 
+def _stock(report: dict, config: dict) -> str | None:
+    """The stock architecture of a stock-layout export (compress.stock), else None."""
+    return (config.get("architectures") or ["?"])[0] if report.get("layout") == "stock" else None
+
+
 def _use(repo: str, revision: str | None, onnx_dirs: tuple[str, ...], genai_dirs: tuple[str, ...] = (),
-         quantized: dict[str, str] | None = None) -> str:
+         quantized: dict[str, str] | None = None, stock: str | None = None) -> str:
     rev = f', revision="{revision}"' if revision else ""
     text = f"""## Use with transformers
 
@@ -209,6 +214,11 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))
 `trust_remote_code=True` runs `modeling_slim.py` from this repository (per-layer widths, index
 buffers for the residual channels each layer reads and writes); read it, and pin `revision=` to a
 commit you have read. Works with transformers 4.57 and 5.x. The tokenizer needs no remote code."""
+    if stock:  # the family's own class: nothing of ours runs
+        text = text.replace(", trust_remote_code=True)", ")").split("\n\n`trust_remote_code=True`")[0] + f"""
+
+A stock `{stock}` (the dense model's own architecture at the kept widths, no code in this
+repository): transformers, vLLM, TGI and llama.cpp's `convert_hf_to_gguf.py` load it as it is."""
     for d in onnx_dirs:
         text += f"""
 

@@ -45,7 +45,9 @@ tok.padding_side = auto.padding_side = "left"
 batch = tok(prompts, return_tensors="pt", padding=True)
 assert set(batch) == {"input_ids", "attention_mask"}, sorted(batch)
 assert auto(prompts, return_tensors="pt", padding=True)["input_ids"].tolist() == batch["input_ids"].tolist()
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+# the slim layout runs its own code; the stock layout (compress.stock) must load without any
+own_code = "auto_map" in json.load(open(folder + "/config.json"))
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=own_code)
 kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
 cached = model.generate(**batch, **kw)
 uncached = model.generate(**batch, use_cache=False, **kw)
@@ -55,18 +57,19 @@ print(json.dumps({"version": transformers.__version__, "input_ids": batch["input
 """
 
 
-@pytest.fixture(scope="module")
-def folder_and_reference(tmp_path_factory):
-    """The reference model pruned by FLAP (heads, channels, rewritten biases) and its masked dense model.
+@pytest.fixture(scope="module", params=["slim", "stock"])
+def folder_and_reference(request, tmp_path_factory):
+    """The reference model pruned by FLAP (heads, channels, rewritten biases: the slim layout) or by
+    Wanda-sp (the same widths in every layer: the stock layout), and its masked dense model.
 
     A trained model, not a random one: a random tiny model's greedy output soon repeats one
     token, which a decode step that lost its KV cache reproduces just as well.
     """
     model, tok = load_model(), load_tokenizer()
     calib = calibration_windows(token_stream(tok, load_text(CALIB_TEXT)), 64, 8)
-    result = prune(model, "flap", 0.4, calib)
-    out = tmp_path_factory.mktemp("compat") / "slim"
-    export(model, result, out, tokenizer=tok, calib=calib)
+    result = prune(model, "flap" if request.param == "slim" else "wanda-sp", 0.4, calib)
+    out = tmp_path_factory.mktemp("compat") / request.param
+    assert export(model, result, out, tokenizer=tok, calib=calib, layout=request.param)["layout"] == request.param
     return out, model, result
 
 

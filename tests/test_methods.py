@@ -71,7 +71,7 @@ def test_plan_ratio_and_slim_parity(name, family, tiny, calib):
         assert plan.method == name and plan.seed == 0
         assert all(lp.attn_in is lp.attn_out is lp.mlp_in is lp.mlp_out is None for lp in plan.layers)
         if plan.settings.get("allocation", "uniform") == "uniform":
-            tol = _channel_cost(g) / total
+            tol = g.num_layers * _channel_cost(g) / 2 / total  # equal widths: half a channel per layer
         else:
             tol = _max_unit_cost(g, plan.settings["head_granularity"]) / total
         assert abs(plan.ratio(g) - ratio) <= tol, (plan.ratio(g), ratio)
@@ -91,7 +91,7 @@ def test_uniform_methods_give_every_layer_the_same_heads(tiny, calib):
         kept = [len(lp.resolved(g).heads) for lp in plan.layers]
         widths = [len(lp.resolved(g).mlp_hidden) for lp in plan.layers]
         assert len(set(kept)) == 1 and kept[0] < g.num_heads
-        assert max(widths) - min(widths) <= 1
+        assert len(set(widths)) == 1  # what a stock config can hold (compress.stock)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

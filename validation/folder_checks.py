@@ -80,8 +80,12 @@ def _model_checks(source, plan: Plan, replaced: dict, folder: Path, dtype: torch
     from compress.slimming import slim_state_dict
     from validation.parity import check_files, run_parity
 
+    from compress.stock import is_stock_folder, stock_state_dict
+
     model, adapter = source.model, source.adapter
     expected = _in_dtype(slim_state_dict(model, adapter, plan, replaced), dtype)
+    if is_stock_folder(folder):
+        expected = stock_state_dict(model, adapter, expected)
     if plan.runtime:
         expected.update(probe_tensors(folder, expected))
     files = check_files(folder, model, adapter, plan, replaced, expected, "model")
@@ -100,18 +104,21 @@ def _layer_checks(source, plan: Plan, replaced: dict, folder: Path, dtype: torch
     """One pass over the layers: per layer the folder's tensors == the slim tensors the plan gives
     (read one at a time) and the slim layer == the masked dense layer in float64."""
     from compress.slimming import slim_layer_state_dict, slim_shared_state_dict
+    from compress.stock import is_stock_folder, stock_layer, stock_shared
     from exporters.hf_folder import tensors_differ, weight_map
     from validation.parity import LayerChecker
 
-    model, adapter = source.model, source.adapter
+    model, adapter, stock = source.model, source.adapter, is_stock_folder(folder)
     names = weight_map(folder)
     checker = LayerChecker(model, adapter, plan, ids)
     shared = slim_shared_state_dict(model, adapter, replaced)
-    problem, seen = tensors_differ(folder, names, _in_dtype(shared, dtype)), set(shared)
+    written = _in_dtype(stock_shared(model, adapter, shared) if stock else shared, dtype)
+    problem, seen = tensors_differ(folder, names, written), set(written)
     with torch.no_grad():
         for i, layer in source.layers("checking layers"):
             prefix, sd = source.prefixes[i], slim_layer_state_dict(model, adapter, plan, i, replaced)
-            expected = _in_dtype(sd, dtype, f"model.layers.{i}.")
+            expected = (_in_dtype(stock_layer(adapter, layer, prefix, sd), dtype) if stock
+                        else _in_dtype(sd, dtype, f"model.layers.{i}."))
             problem = problem or tensors_differ(folder, names, expected)
             seen.update(expected)
             checker.step(i, layer, {k: v for k, v in replaced.items() if k.startswith(prefix)}, sd, prefix)

@@ -84,6 +84,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "by layer; calibration activations go to a folder under $TMPDIR when they would take over "
                         "a quarter of the memory); auto: when the model is too large for the whole-model "
                         "checks; the output is the same either way")
+    p.add_argument("--layout", choices=["slim", "stock", "auto"], default="slim",
+                   help="stock: the dense family's own config and tensor names (e.g. LlamaForCausalLM), loaded "
+                        "with no remote code by transformers, vLLM, TGI and llama.cpp's converter; it needs the "
+                        "same widths in every layer, both sublayers everywhere and whole residual streams "
+                        "(refused in one line otherwise); slim: the slim model and its modeling code; auto: stock "
+                        "where the plan allows (slim with --gguf, which reads the slim layout)")
     p.add_argument("--dry-run", action="store_true",
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
@@ -146,6 +152,9 @@ def _run(args: argparse.Namespace, session) -> int:
         from compress.commands.gguf import refuse_before_pruning
 
         refuse_before_pruning(config, args.method, args.runtime, args.gguf)
+    if args.gguf and args.layout == "stock":
+        raise CompressError("--gguf reads the slim layout; drop --layout stock (llama.cpp's own "
+                            "convert_hf_to_gguf.py converts a stock folder)")
     if args.recover and args.method == "probe":
         raise CompressError("--recover trains a static plan's kept weights; Probe Pruning chooses its channels at "
                             "run time (use --runtime probe on top of a static method instead)")
@@ -240,7 +249,8 @@ def _prune_and_export(args, source, tokenizer, calib, calibration: dict, dtype, 
                                                                              calib.to(device), calibration)
     return export(source, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
                   overwrite=args.overwrite, check=args.check, max_shard_size=args.max_shard_size, quality=quality,
-                  comparison=comparison, extra=extra, parity_scope=args.parity_scope)
+                  comparison=comparison, extra=extra, parity_scope=args.parity_scope,
+                  layout="slim" if args.gguf and args.layout == "auto" else args.layout)
 
 
 def _recover(args, model, result, calib, session):

@@ -47,7 +47,12 @@ def export_folder_gguf(folder: Path, gguf_type: str = "f32", out: Path | None = 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
-    _require(gguf_type, unsupported_reason(json.loads((folder / "config.json").read_text())))
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "plan.json").is_file() and "auto_map" not in config:
+        raise CompressError(f"{folder} holds the stock layout ({config.get('architectures', ['?'])[0]}): llama.cpp's "
+                            "own convert_hf_to_gguf.py converts it; `compress gguf` reads the slim layout "
+                            "(export with --layout slim)")
+    _require(gguf_type, unsupported_reason(config))
     have_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     out = Path(out).resolve() if out else default_path(folder, gguf_type)
     with staged_file(out, overwrite) as staging:

@@ -59,6 +59,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     from compress.reference import CALIB_TEXT
     from compress.textdata import load_text, token_stream, windows
     from compress.loading import load_folder_model, load_tokenizer
+    from compress.stock import is_stock_folder, slim_view
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
     from exporters.onnx_fused import GENAI_NAME
@@ -71,6 +72,8 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
     slim = load_folder_model(folder, torch.float32)
+    if is_stock_folder(folder):  # the exporter reads a slim model: a stock one is its keep-all plan's
+        slim = slim_view(slim)
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 24, 1)
     quality = None

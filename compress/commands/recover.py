@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     quality = _quality(model, result, tokenizer, args, device, report.get("calibration")) if args.eval_windows else []
     extra = {k: report[k] for k in ("base_model", "prune_seconds", "calibration") if k in report}
     final = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
-                   quality=quality, extra={**extra, "recovery": record}, parity_scope=args.parity_scope)
+                   quality=quality, extra={**extra, "recovery": record}, parity_scope=args.parity_scope,
+                   layout=report.get("layout", "slim"))
     for line in summary_lines(final):
         print(line)
     print(f"wrote {out}")

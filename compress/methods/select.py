@@ -12,7 +12,8 @@ With one query head per KV head (MHA) the two are the same thing ("group" is use
 
 Allocation:
 - "uniform": every layer removes the same fraction of heads (rounded to the granularity);
-  the MLP widths are then solved so the total matches the ratio to within a channel.
+  the MLP width, the same in every layer, is then solved so the total matches the ratio to
+  within half a channel per layer: equal widths are what a stock config can hold (compress.stock).
 - "global": FLAP's adaptive structure search. Scores are standardised per structure type
   (per layer, or across all layers), every removable unit (a head unit or an MLP channel)
   goes into one ranking with its real parameter cost, and the lowest are removed until the
@@ -118,14 +119,12 @@ def _uniform(g, head_scores, mlp_scores, ratio, granularity) -> list[LayerPlan]:
         attn_removed += _attn_params(g, list(range(g.num_heads))) - _attn_params(
             g, [h for h in range(g.num_heads) if h not in gone])
     channel = linear_params(g, LayerPlan(heads=[], mlp_hidden=[0]))
-    n = math.floor((ratio * total - attn_removed) / channel + 0.5)
-    n = max(0, min(n, g.num_layers * (g.intermediate - 1)))
-    base, rem = divmod(n, g.num_layers)
+    n = math.floor((ratio * total - attn_removed) / channel / g.num_layers + 0.5)  # per layer
+    n = max(0, min(n, g.intermediate - 1))
     plans = []
     for i in range(g.num_layers):
-        extra = (i + 1) * rem // g.num_layers - i * rem // g.num_layers  # spread the remainder evenly
         order = torch.sort(mlp_scores[i].double(), stable=True).indices.tolist()
-        plans.append(_layer_plan(g, removed_heads[i], order, base + extra))
+        plans.append(_layer_plan(g, removed_heads[i], order, n))
     return plans
 
 
