@@ -22,7 +22,7 @@ from compress.plan import RESIDUAL_FIELDS, Plan
 from compress.slimming import build_slim_model
 
 __all__ = ["LAYOUTS", "stock_reason", "choose_layout", "stock_config", "stock_shared", "stock_layer",
-           "stock_state_dict", "stock_mismatch", "is_stock_folder", "slim_view"]
+           "stock_state_dict", "stock_mismatch", "is_stock_folder", "slim_view", "load_slim_folder"]
 
 LAYOUTS = ("auto", "stock", "slim")
 # slim module name (compress.slim) -> the LayerParts field holding that module in the dense model
@@ -173,6 +173,14 @@ def is_stock_folder(folder: str | Path) -> bool:
 
 def slim_view(model):
     """A stock model as the slim model of a keep-all plan (same tensors, same function): what the
-    ONNX exporter takes."""
+    ONNX exporter and the benchmarks take."""
     adapter = get_adapter(model.config)
     return build_slim_model(model, adapter, Plan.keep_all(adapter.geometry()))
+
+
+def load_slim_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """An exported folder's model as a slim model, whichever its layout."""
+    from compress.loading import load_folder_model
+
+    model = load_folder_model(folder, dtype)
+    return slim_view(model) if is_stock_folder(folder) else model

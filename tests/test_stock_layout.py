@@ -130,6 +130,8 @@ def test_cli_stock_folder_validates_runs_onnx_and_gguf_refuses(tmp_path, capsys)
     assert "trust_remote_code=True" not in card and "stock `MistralForCausalLM`" in card
     assert main(["validate", str(out), "--model", str(dense), "--threads", "1"]) == 0
     assert main(["onnx", str(out), "--threads", "1"]) == 0 and (out / "onnx").is_dir()
+    assert main(["bench", "--model", str(dense), "--slim", str(out), "--no-onnx", "--no-peer", "--prompt", "8",
+                 "--new-tokens", "2", "--repeats", "1", "--threads", "1"]) == 0
     capsys.readouterr()
     assert main(["gguf", str(out)]) == 2
     assert "convert_hf_to_gguf.py" in capsys.readouterr().err.strip().splitlines()[-1]

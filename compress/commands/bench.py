@@ -106,11 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
     from compress.adapters import get_adapter
     from compress.errors import CompressError
-    from compress.loading import load_folder_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.loading import load_tokenizer, resolve_device, resolve_dtype
     from compress.pipeline import prune
     from compress.plan import Plan
     from compress.probe import build_serving_model
     from compress.slimming import build_slim_model
+    from compress.stock import load_slim_folder
     from compress.random_plan import random_plan
     from compress.speed import format_table, measure, read_bandwidth, torch_timer
     from validation.record import Run
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = get_adapter(dense.config)
     slims = {"dense": build_slim_model(dense, adapter, Plan.keep_all(adapter.geometry()))}
     for folder in args.slim:
-        slims[folder.name] = load_folder_model(folder, dtype).to(device)
+        slims[folder.name] = load_slim_folder(folder, dtype).to(device)  # a stock-layout folder too
     calib = None
     for ratio in args.ratio:
         if calib is None and args.method != "magnitude":

@@ -58,8 +58,8 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
 
     from compress.reference import CALIB_TEXT
     from compress.textdata import load_text, token_stream, windows
-    from compress.loading import load_folder_model, load_tokenizer
-    from compress.stock import is_stock_folder, slim_view
+    from compress.loading import load_tokenizer
+    from compress.stock import load_slim_folder
     from exporters.hf_folder import staged_folder
     from exporters.onnx_export import export_onnx
     from exporters.onnx_fused import GENAI_NAME
@@ -71,9 +71,7 @@ def export_folder_onnx(folder: Path, dtype: str = "float32", overwrite: bool = F
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: not a model folder (no config.json)")
-    slim = load_folder_model(folder, torch.float32)
-    if is_stock_folder(folder):  # the exporter reads a slim model: a stock one is its keep-all plan's
-        slim = slim_view(slim)
+    slim = load_slim_folder(folder, torch.float32)  # a stock folder's model as a keep-all slim model
     tokenizer = load_tokenizer(folder)
     ids = windows(token_stream(tokenizer, load_text(CALIB_TEXT)), 24, 1)
     quality = None
