@@ -256,10 +256,11 @@ def test_bench_times_dense_and_slim_ggufs_in_llamacpp(tmp_path, capsys):
     """`compress bench --llamacpp TYPE`: a llama.cpp row for the dense and each slim model, their
     ideal decode speedup from the GGUF files' bytes (no timing asserted)."""
     argv = ["bench", "--no-onnx", "--no-peer", "--ratio", "0.5", "--repeats", "1", "--prompt", "8", "--new-tokens", "2",
-            "--threads", "1", "--llamacpp", "q8_0", "--json", str(tmp_path / "speed.json")]
+            "--threads", "1", "--llamacpp", "q8_0", "--json", str(tmp_path / "speed.json"), "--no-pytorch"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| llama.cpp (q8_0) | dense |" in out and "| llama.cpp (q8_0) | magnitude@0.5 |" in out, out
+    assert "| pytorch |" not in out
     rows = {r["model"]: r for r in json.loads((tmp_path / "speed.json").read_text())["data"]["rows"]
             if r["engine"] == "llama.cpp (q8_0)"}
     assert 1.5 < rows["dense"]["bytes_per_token"] / rows["magnitude@0.5"]["bytes_per_token"] < 2.5

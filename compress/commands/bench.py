@@ -61,6 +61,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds, each running every engine once in turn (medians; after one warm-up round)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
+    p.add_argument("--no-pytorch", dest="pytorch", action="store_false",
+                   help="no PyTorch rows (e.g. only --llamacpp's: PyTorch at several threads on a busy machine is slow)")
     p.add_argument("--onnx-graph", nargs="+", default=["auto"], choices=["auto", "fused", "traced"],
                    help="ONNX graphs to time, each a row per model: fused (onnxruntime's fused operators, KV "
                         "buffers appended in place), traced (the dynamo exporter's graph), auto (fused where "
@@ -148,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
     shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        timers = [torch_timer(dense, "stock transformers", **shape)]
-        timers += [torch_timer(m, label, **shape) for label, m in slims.items()]
+        timers = []
+        if args.pytorch:
+            timers = [torch_timer(dense, "stock transformers", **shape)]
+            timers += [torch_timer(m, label, **shape) for label, m in slims.items()]
         if args.onnx:
             timers += _onnx_timers(slims, dtype, shape, args.onnx_graph, args.onnx_weights, Path(tmp))
         if args.llamacpp:
