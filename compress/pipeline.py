@@ -25,7 +25,7 @@ from compress.methods import METHODS, PruneResult
 from compress.methods.select import ScoredMethod
 from compress.slimming import build_slim_model, slim_config, slim_layer_state_dict, slim_shared_state_dict
 from compress.source import LayerSource, as_source, choose_streaming, spill_folder
-from compress.stock import choose_layout, stock_config, stock_layer, stock_mismatch, stock_shared
+from compress.stock import choose_layout, stock_config, stock_layer, stock_mismatch, stock_shared, write_legacy_rope
 from exporters.hf_folder import REPLACED_FILE, ShardWriter, staged_folder, write_model_files
 from validation.folder_checks import check_scope, files_check
 from validation.parity import (TOLERANCES, LayerChecker, check_files, probe_checks, raise_on_failure,
@@ -207,6 +207,8 @@ def export(model, result: PruneResult, out: str | Path, *, tokenizer=None, calib
             extra["runtime"] = _probe_config(config, pp, plan)
             del pp
         write_model_files(folder, config, tokenizer, getattr(model, "generation_config", None), code=not stock)
+        if stock:
+            write_legacy_rope(folder)
         plan.save(folder / "plan.json")
         if replaced:
             save_file({k: v.detach().cpu().contiguous() for k, v in replaced.items()}, str(folder / REPLACED_FILE))

@@ -22,7 +22,8 @@ from compress.plan import RESIDUAL_FIELDS, Plan
 from compress.slimming import build_slim_model
 
 __all__ = ["LAYOUTS", "stock_reason", "choose_layout", "stock_config", "stock_shared", "stock_layer",
-           "stock_state_dict", "stock_mismatch", "is_stock_folder", "slim_view", "load_slim_folder"]
+           "stock_state_dict", "stock_mismatch", "is_stock_folder", "slim_view", "load_slim_folder",
+           "write_legacy_rope"]
 
 LAYOUTS = ("auto", "stock", "slim")
 # slim module name (compress.slim) -> the LayerParts field holding that module in the dense model
@@ -32,7 +33,8 @@ _PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"
 
 
 def _widths(values: list[int], what: str) -> str | None:
-    return None if len(set(values)) == 1 else f"{what} differ across layers ({', '.join(map(str, sorted(set(values))))})"
+    kinds = sorted(set(values))
+    return None if len(kinds) == 1 else f"{what} differ across layers ({', '.join(map(str, kinds))})"
 
 
 def stock_reason(model, adapter: Adapter, plan: Plan, replaced: set[str] | None) -> str | None:
@@ -96,17 +98,35 @@ def stock_config(model, adapter: Adapter, plan: Plan, dtype: str):
         setattr(config, key, value)
     config.architectures = [_architecture(model)]
     config.dtype = dtype
-    for key in ("auto_map", "_name_or_path"):
+    for key in ("auto_map", "_name_or_path", "quantization_config"):  # the weights written are plain (not GGUF's)
         if key in config.__dict__:
             delattr(config, key)
     return config
 
 
+def write_legacy_rope(folder: Path) -> None:
+    """Repeat rope_parameters' theta, scaling and partial rotary factor at the top level of the
+    written config.json, where transformers 4.x and other runtimes read them (5.x keeps them in
+    rope_parameters only, and prefers that)."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def stock_shared(model, adapter: Adapter, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`slim_shared_state_dict`'s tensors under the dense model's names."""
     names = {m: n for n, m in model.named_modules()}
-    modules = {"model.embed_tokens": adapter.embed_tokens(model), "model.embed_positions": adapter.embed_positions(model),
-               "model.norm": adapter.final_norm(model), "lm_head": model.get_output_embeddings()}
+    modules = {"model.embed_tokens": adapter.embed_tokens(model), "model.norm": adapter.final_norm(model),
+               "model.embed_positions": adapter.embed_positions(model), "lm_head": model.get_output_embeddings()}
     out = {}
     for key, t in sd.items():
         module, _, attr = key.rpartition(".")

@@ -5,7 +5,10 @@ computes what the masked dense model computes (float64); other plans stay slim, 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,3 +155,29 @@ def test_streamed_stock_export_validates_layer_by_layer(tmp_path):
     assert main(["validate", str(out), "--model", str(dense), "--streaming", "on", "--threads", "1"]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     assert type(loaded).__name__ == "Qwen3ForCausalLM"
+
+
+LOGITS = r"""
+import sys, torch
+for name in ("compress", "exporters", "validation"):
+    sys.modules[name] = None  # as if this project were not installed
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=False, dtype=torch.float64)
+torch.save(model(torch.arange(1, 30)[None]).logits, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("site", [s for s in os.environ.get("COMPRESS_TRANSFORMERS_SITES", "").split(os.pathsep) if s])
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # llama3 rope scaling; partial rotary
+def test_stock_folder_computes_the_same_under_each_release(family, site, tmp_path):
+    """4.x reads rope_theta / rope_scaling at the top level (`write_legacy_rope`)."""
+    model = tiny_model(family)
+    export(model, PruneResult(uniform_plan(model)), tmp_path / "stock", calib=CALIB, layout="stock")
+    assert "quantization_config" not in json.loads((tmp_path / "stock" / "config.json").read_text())
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": site, "TRANSFORMERS_VERBOSITY": "error"}
+    res = subprocess.run([sys.executable, "-c", LOGITS.replace("dtype=", "torch_dtype=" if "4." in site else "dtype="),
+                          str(tmp_path / "stock"), str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                         cwd="/", env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    here = AutoModelForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.float64)(torch.arange(1, 30)[None])
+    assert (torch.load(tmp_path / "logits.pt") - here.logits).abs().max().item() < 1e-9
