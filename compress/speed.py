@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from compress.slim.modeling_slim import CACHE_NAME
 
 __all__ = ["Speed", "Timer", "measure", "bytes_per_token", "gguf_bytes_per_token", "read_bandwidth", "torch_timer",
-           "onnx_timer", "genai_timer", "format_table", "peer_engine"]
+           "onnx_timer", "genai_timer", "llamacpp_timer", "format_table", "peer_engine"]
 
 @dataclass
 class Speed:
@@ -253,6 +253,32 @@ def genai_timer(folder, model, engine: str, name: str, batch: int, prompt: int, 
         return t1 - t0, time.perf_counter() - t1
 
     return Timer(engine, name, bytes_per_token(model, batch, prompt + new_tokens // 2, graph), once)
+
+
+def llamacpp_timer(path: str | Path, name: str, engine: str, batch: int, prompt: int, new_tokens: int,
+                   threads: int):
+    """compress.speed's Timer of a GGUF in llama.cpp at `threads` threads (batch 1): prefill = the
+    prompt in one batch, decode = `new_tokens` steps of one token each, fed fixed tokens (no
+    sampling: only the model's work is timed); llama.cpp's default float16 KV cache, as a user
+    would run it. Its bytes: compress.speed.gguf_bytes_per_token of the file."""
+    from compress.llamacpp_import import llama_cpp
+
+    if batch != 1:
+        raise ValueError("llama.cpp is timed at batch 1")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt + new_tokens + 1, n_batch=prompt, n_ubatch=prompt,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), prompt).tolist()
+
+    def once() -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        for i in range(new_tokens):
+            llm.eval([ids[i % prompt]])
+        return t1 - t0, time.perf_counter() - t1
+
+    return Timer(engine, name, gguf_bytes_per_token(path, batch, prompt + new_tokens // 2), once)
 
 
 def peer_engine(precision: str = "fp32") -> str:

@@ -250,7 +250,7 @@ def _llamacpp_timers(slims: dict, folders: dict[str, Path], tokenizer, gguf_type
 
     from compress.commands.gguf import write_file
     from compress.errors import UnsupportedModelError
-    from compress.runtime.llamacpp_runner import llamacpp_timer
+    from compress.speed import llamacpp_timer
     from exporters.hf_folder import write_model_files, write_weights
 
     timers, threads = [], torch.get_num_threads()

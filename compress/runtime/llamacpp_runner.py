@@ -1,4 +1,5 @@
-"""Running a GGUF file in llama.cpp (llama-cpp-python): logits, greedy tokens, tokenization and speed.
+"""Running a GGUF file in llama.cpp (llama-cpp-python): logits, greedy tokens, tokenization (its speed:
+compress.speed.llamacpp_timer).
 
 `LlamaCppModel` is also called like a causal LM (`model(input_ids=...).logits`), so the quality
 figures of validation.quality (perplexity, KL against the float slim model) apply to a GGUF as
@@ -8,14 +9,13 @@ float16), so a float32 GGUF is compared with PyTorch at float32 throughout.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-__all__ = ["LlamaCppModel", "llamacpp_timer"]
+__all__ = ["LlamaCppModel"]
 
 
 class LlamaCppModel:
@@ -56,30 +56,3 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self.llm.close()
-
-
-def llamacpp_timer(path: str | Path, name: str, engine: str, batch: int, prompt: int, new_tokens: int,
-                   threads: int):
-    """compress.speed's Timer of a GGUF in llama.cpp at `threads` threads (batch 1): prefill = the
-    prompt in one batch, decode = `new_tokens` steps of one token each, fed fixed tokens (no
-    sampling: only the model's work is timed); llama.cpp's default float16 KV cache, as a user
-    would run it. Its bytes: compress.speed.gguf_bytes_per_token of the file."""
-    from compress.llamacpp_import import llama_cpp
-    from compress.speed import Timer, gguf_bytes_per_token
-
-    if batch != 1:
-        raise ValueError("llama.cpp is timed at batch 1")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt + new_tokens + 1, n_batch=prompt, n_ubatch=prompt,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), prompt).tolist()
-
-    def once() -> tuple[float, float]:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        t1 = time.perf_counter()
-        for i in range(new_tokens):
-            llm.eval([ids[i % prompt]])
-        return t1 - t0, time.perf_counter() - t1
-
-    return Timer(engine, name, gguf_bytes_per_token(path, batch, prompt + new_tokens // 2), once)
