@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from compress.cli import main
 from compress.distributed import World
 from compress.errors import CompressError
-from compress.reference import MODEL_DIR
 from ranks_driver import train
-from tiny import tiny_model
+from tiny import tiny_folder, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("ranks_driver.py")
@@ -55,10 +53,7 @@ def kept(plan: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dense")
-    tiny_model("llama").save_pretrained(folder)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
-    return folder
+    return tiny_folder(tmp_path_factory.mktemp("dense"))
 
 
 def test_two_processes_train_what_one_does(tmp_path):

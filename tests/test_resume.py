@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer
 
 from compress import prune
 from compress.checkpoint import Checkpoint, StateStore, partial_folder
 from compress.cli import main
 from compress.recover import recover
-from compress.reference import MODEL_DIR
 from compress.training import Batches
-from tiny import tiny_model
+from tiny import tiny_folder, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -32,10 +30,7 @@ DISP = ["--method", "disp", "--ratio", "0.5", "--steps", str(STEPS), "--batch-si
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dense")
-    tiny_model("llama").save_pretrained(folder)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
-    return folder
+    return tiny_folder(tmp_path_factory.mktemp("dense"))
 
 
 def saved_step(out: Path) -> int:

@@ -39,3 +39,14 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_folder(folder, family: str = "llama"):
+    """A model folder as `compress export --model` reads it: a tiny model and the reference tokenizer."""
+    from transformers import AutoTokenizer
+
+    from compress.reference import MODEL_DIR
+
+    tiny_model(family).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(folder)
+    return folder
