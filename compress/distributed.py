@@ -29,6 +29,8 @@ class World:
     rank: int = 0
     size: int = 1
     group: object = None  # the gloo group for CPU-side messages (None alone)
+    shard: str = "replicate"  # how training holds the frozen dense model: whole, or FSDP2 shards (compress.sharding)
+    device: torch.device | None = None  # this process's training device (None: the model's own)
 
     @property
     def writer(self) -> bool:
@@ -109,4 +111,4 @@ def join(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(rank, size, dist.new_group(backend="gloo", timeout=WRITER_WAIT)), device
+    return World(rank, size, dist.new_group(backend="gloo", timeout=WRITER_WAIT), device=device), device

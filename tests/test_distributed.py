@@ -17,7 +17,7 @@ import torch
 from compress.cli import main
 from compress.distributed import World
 from compress.errors import CompressError
-from ranks_driver import train
+from ranks_driver import recovered, train
 from tiny import tiny_folder, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +57,19 @@ def dense(tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_what_one_does(tmp_path):
+    """DISP with the frozen model replicated and sharded (FSDP2), and recovery: one process's losses,
+    plan and trained tensors."""
     res = torchrun(str(DRIVER), "train", str(tmp_path / "two.json"))
     assert res.returncode == 0, res.stderr[-3000:]
-    two, one = json.loads((tmp_path / "two.json").read_text()), train(World())
-    assert torch.allclose(torch.tensor(two["trace"]), torch.tensor(one["trace"]), rtol=1e-5, atol=1e-6)
-    assert flipped(one["plan"], two["plan"]) < 0.01
+    runs, one = json.loads((tmp_path / "two.json").read_text()), train(World())
+    for two in (runs["replicate"], runs["fsdp"]):
+        assert torch.allclose(torch.tensor(two["trace"]), torch.tensor(one["trace"]), rtol=1e-5, atol=1e-6)
+        assert flipped(one["plan"], two["plan"]) < 0.01
+    alone = recovered(World())
+    assert runs["recover"]["kl"] == pytest.approx(alone["kl"], rel=1e-5)
+    assert alone["tensors"].keys() == runs["recover"]["tensors"].keys()
+    for name, value in alone["tensors"].items():
+        assert torch.allclose(torch.tensor(runs["recover"]["tensors"][name]), torch.tensor(value), atol=1e-5), name
 
 
 def test_two_processes_search_what_one_does(tmp_path):
@@ -93,8 +101,28 @@ def test_a_failing_rank_stops_all_and_the_command_resumes_under_torchrun(dense, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # the state removed once written
 
 
-def test_a_batch_that_does_not_split_and_fsdp_are_refused(dense, tmp_path, capsys):
+def test_recovery_after_a_rank_0_method_under_torchrun_with_fsdp(dense, tmp_path):
+    """FLAP runs on rank 0 alone and hands its result over; both ranks recover it, the teacher
+    sharded: the export is one process's (the same plan, the weights equal within float error)."""
+    from safetensors.torch import load_file
+
+    command = ["--method", "flap", "--ratio", "0.5", "--seq-len", "16", "--calib-samples", "12", "--eval-windows",
+               "0", "--recover", "--recover-steps", "3", "--recover-batch-size", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["export", "--model", str(dense), "--out", str(one), *command]) == 0
+    res = torchrun("-m", "compress", "export", "--model", str(dense), "--out", str(two), *command, "--shard", "fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(f"wrote {two}") == 1
+    assert (one / "plan.json").read_text() == (two / "plan.json").read_text()
+    a, b = (load_file(d / "model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_batch_that_does_not_split_and_a_shard_without_processes_are_refused(dense, tmp_path, capsys):
     with pytest.raises(CompressError, match="multiple of 3"):
         World(rank=0, size=3).share(torch.zeros(4, 2))
     assert main(["export", "--model", str(dense), "--out", str(tmp_path / "x"), *DISP, "--shard", "fsdp"]) == 2
-    assert "--shard fsdp is not offered" in capsys.readouterr().err
+    assert "--shard fsdp splits the model over several processes" in capsys.readouterr().err
+    assert main(["export", "--model", str(dense), "--out", str(tmp_path / "x"), "--method", "flap", "--shard",
+                 "fsdp"]) == 2
+    assert "--method flap trains neither" in capsys.readouterr().err

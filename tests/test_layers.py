@@ -27,7 +27,7 @@ LAYERS = [
     # reading and writing safetensors folders; loading models, GGUF files and text
     ["exporters.hf_folder", "compress.loading", "compress.gguf_folder", "compress.textdata", "compress.corpus",
      "compress.source"],
-    ["compress.distributed"],
+    ["compress.distributed", "compress.sharding"],
     ["compress.calibration", "compress.masking", "compress.slimming", "compress.training", "compress.checkpoint",
      "compress.stock"],
     ["compress.probe"],

@@ -9,6 +9,7 @@ The folder is written to a staging folder and moved into place only after every 
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="disp and tyr+disp: print the memory a DISP training step needs for this model, batch "
                         "and sequence length (counted on a two-layer copy, scaled; see the README), then stop; "
                         "reads the config only")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: plan each of N processes' memory (torchrun's --nproc-per-node times the "
+                        "nodes), replicated and sharded (--shard fsdp); default: WORLD_SIZE, else 1")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                    help="then push the folder (with its ONNX, GGUF when --onnx, --gguf) to this Hub repository, as "
                         "`compress push` does")
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     if args.dry_run:
         return _dry_run(args)
-    return run_ranks(args, _run, METHODS[args.method].data_parallel)
+    step_bytes = (lambda: _step_plan(args)[0]) if args.method in ("disp", "tyr+disp") else None
+    return run_ranks(args, _run, METHODS[args.method].data_parallel, step_bytes)
 
 
 def _run(args: argparse.Namespace, session) -> int:
@@ -198,30 +203,43 @@ def _run(args: argparse.Namespace, session) -> int:
     return 0
 
 
+def _step_plan(args, world_size: int | None = None) -> tuple[int, dict, list[str]]:
+    """(a replicated DISP step's bytes on the device, the memory plan per process, its lines)."""
+    from compress.loading import load_config, load_dtype, resolve_device, resolve_dtype
+    from compress.methods.disp_memory import format_plan, training_memory
+
+    config = load_config(args.model)
+    held = load_dtype(config, args.load_dtype, resolve_dtype(args.dtype))  # as the export would hold it
+    settings = method_settings(args)
+    batch = settings.get("batch_size", DEFAULTS["disp"]["batch_size"])
+    n = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = training_memory(config, held, settings, batch, args.seq_len, n)
+    lines = format_plan(plan, args.model or "the reference model", held, batch, args.seq_len,
+                        config.num_hidden_layers)
+    return plan["checkpointed" if resolve_device(args.device).type == "cuda" else "plain"], plan, lines
+
+
 def _dry_run(args) -> int:
     """The DISP training memory plan (no weights read, nothing written)."""
     import torch
 
-    from compress.loading import load_config, load_dtype, resolve_device, resolve_dtype
+    from compress.loading import resolve_device
     from compress.memory import available_memory
-    from compress.methods.disp_memory import format_plan, training_memory
 
     if args.method not in ("disp", "tyr+disp"):
         raise CompressError(f"--dry-run plans DISP's training memory: use it with --method disp or tyr+disp, "
                             f"not {args.method}")
-    config = load_config(args.model)
     device = resolve_device(args.device)
-    held = load_dtype(config, args.load_dtype, resolve_dtype(args.dtype))  # as the export would hold it
-    settings = method_settings(args)
-    batch = settings.get("batch_size", DEFAULTS["disp"]["batch_size"])
-    plan = training_memory(config, held, settings, batch, args.seq_len)
-    for line in format_plan(plan, args.model or "the reference model", held, batch, args.seq_len,
-                            config.num_hidden_layers):
+    need, plan, lines = _step_plan(args, args.world_size)
+    for line in lines:
         print(line)
-    need = plan["checkpointed" if device.type == "cuda" else "plain"]
     have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     print(f"{device}: {have / 1e9:.2f} GB available, a step needs about {need / 1e9:.2f} GB (live tensors; the "
           f"allocator's cache adds to it): {'fits' if need <= have else 'does NOT fit'}")
+    if plan["world_size"] > 1:
+        fsdp = plan["checkpointed_fsdp" if device.type == "cuda" else "plain_fsdp"]
+        print(f"sharded over {plan['world_size']} processes (--shard fsdp) a step needs about {fsdp / 1e9:.2f} GB "
+              f"per device: {'fits' if fsdp <= have else 'does NOT fit'}")
     return 0
 
 
@@ -232,19 +250,22 @@ def _prune_and_export(args, source, tokenizer, calib, calibration: dict, dtype, 
     from compress.pipeline import export, prune
 
     t1 = time.perf_counter()
+    writer = session.world.writer
     result = prune(source, args.method, args.ratio, calib.to(device), seed=args.seed, **session.prune_options(),
-                   **method_settings(args))
-    if not session.world.writer:
+                   **method_settings(args)) if writer or session.team.size > 1 else None
+    prune_s = time.perf_counter() - t1
+    if args.recover:  # every rank trains
+        result, recovery = _recover(args, source.model, session.shared_result(result), calib.to(device), session)
+    if not writer:
         return None
     session.trained = True
     if runtime:
         if result.plan.runtime:
             raise CompressError(f"--method {args.method} already prunes at run time; drop --runtime")
         result.plan.runtime = runtime
-    prune_s = time.perf_counter() - t1
     extra = _extra(args, prune_s, calibration)
     if args.recover:
-        result, extra["recovery"] = _recover(args, source.model, result, calib.to(device), session)
+        extra["recovery"] = recovery
     quality, comparison = ([], None) if not args.eval_windows else _quality(source, result, tokenizer, args, device,
                                                                              calib.to(device), calibration)
     return export(source, result, args.out.resolve(), tokenizer=tokenizer, calib=calib, dtype=dtype,
@@ -254,14 +275,11 @@ def _prune_and_export(args, source, tokenizer, calib, calibration: dict, dtype, 
 
 
 def _recover(args, model, result, calib, session):
-    """`--recover`: distillation on rank 0 (other ranks wait), its state kept in OUT.partial/ beside
+    """`--recover`: distillation, data-parallel over the ranks, its state kept in OUT.partial/ beside
     the method's (the same command resumes it; a written export removes the folder)."""
-    from compress.checkpoint import StateStore, partial_folder
     from compress.commands.recover import recover_result
 
-    store = StateStore(partial_folder(args.out), args.save_every) if args.save_every > 0 else None
-    session.store = session.store or store  # removed with the method's state once the export is written
-    return recover_result(args, model, result, calib, store)
+    return recover_result(args, model, result, calib, session.store, session.world)
 
 
 def _extra(args, prune_s: float, calibration: dict) -> dict:

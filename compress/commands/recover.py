@@ -43,13 +43,14 @@ def add_recover_arguments(p: argparse.ArgumentParser, prefix: str = "--recover-"
                         "fine-tuning's optimizer state would not fit in memory")
 
 
-def recover_result(args: argparse.Namespace, model, result, calib, store=None):
+def recover_result(args: argparse.Namespace, model, result, calib, store=None, world=None):
     """(the recovered result, its record): `recover` with the options of `add_recover_arguments`, its
-    state kept in `store` (compress.checkpoint.StateStore)."""
+    state kept in `store` (compress.checkpoint.StateStore), trained by the processes of `world`."""
     from compress.recover import recover
 
     rec = recover(model, result, calib, steps=args.recover_steps, lr=args.recover_lr, lora=args.recover_lora,
-                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size, store=store)
+                  seed=getattr(args, "seed", 0), batch_size=args.recover_batch_size, store=store,
+                  world=world)
     return rec, rec.record
 
 

@@ -50,6 +50,7 @@ from compress.methods.refit import refit_plan
 from compress.methods.disp_hypernet import HyperNetwork, OFFSET, budget_loss, gumbel_noise, layer_params, relax
 from compress.plan import LayerPlan, Plan, linear_params
 from compress.checkpoint import Checkpoint, fingerprint
+from compress.sharding import training_model
 from compress.training import Batches, budget_steps, checkpointed, frozen
 
 __all__ = ["DISP", "structures", "select", "build_plan", "default_steps"]
@@ -141,8 +142,12 @@ class DISP(Method):
 
     def _train(self, model, adapter, hyper, kinds, ratio, calib, gen, steps: int, run: dict) -> None:
         """`run`: the fingerprint a saved state must match to be resumed."""
-        s, g, world = self.settings, adapter.geometry(), self.world
-        device = next(model.parameters()).device
+        with training_model(model, adapter, world := self.world) as (dense, device):
+            self._loop(dense, device, adapter, hyper, kinds, ratio, calib, gen, steps, run, world)
+
+    def _loop(self, model, device, adapter, hyper, kinds, ratio, calib, gen, steps: int, run: dict, world) -> None:
+        """`_train` on the model a step runs (`compress.sharding.training_model`) and its device."""
+        s, g = self.settings, adapter.geometry()
         cuda = device.type == "cuda"
         self.snapshots = {}  # step -> the plan `--steps step` gives (same seed, constant lr): a steps curve
         hyper.to(device).train()

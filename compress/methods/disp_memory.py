@@ -18,6 +18,11 @@ length:
 Figures are for float32 activations (the CPU's); CUDA's bf16 autocast holds most of them in
 half the bytes, so there they are an upper bound. Backward adds transient gradients: those of
 the float32 logits and their log-softmax, and about one layer's activations.
+
+With N processes (`world_size`) each runs its share of the batch. Replicated, each holds the whole
+dense model; sharded (FSDP2, compress.sharding), each holds 1/N of all weights plus, whole, the
+embedding, final norm and LM head (one unit, gathered for the whole step) and two decoder layers
+(the one running and the next, prefetched).
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ def _saved_bytes(disp, model, adapter, kinds, seq: int) -> list[int]:
     return counts
 
 
-def training_memory(config, dtype: torch.dtype, settings: dict, batch_size: int, seq_len: int) -> dict:
-    """Bytes of a DISP training step on a model of `config` (see the module docstring)."""
+def training_memory(config, dtype: torch.dtype, settings: dict, batch_size: int, seq_len: int,
+                    world_size: int = 1) -> dict:
+    """Bytes of a DISP training step on a model of `config`, per process of `world_size` (see the
+    module docstring); `batch_size` is the global batch."""
     from transformers import AutoModelForCausalLM
 
     from compress.loading import dense_params
@@ -80,6 +87,7 @@ def training_memory(config, dtype: torch.dtype, settings: dict, batch_size: int,
     adapter = get_adapter(two)
     disp = DISP(**{k: v for k, v in settings.items() if k in DISP.defaults})
     kinds = structures(adapter.geometry(), disp.settings["prune_heads"])
+    batch_size = -(-batch_size // world_size)  # this process's share
     lengths = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64) * _T
     measured = torch.tensor([_saved_bytes(disp, model, adapter, kinds, int(n)) for n in lengths], dtype=torch.float64)
     # per sequence: layer(T) = c + a T + b T^2 (attention may keep T x T scores), rest(T) = d + e T;
@@ -94,20 +102,32 @@ def training_memory(config, dtype: torch.dtype, settings: dict, batch_size: int,
     masks = measured[0, 0].item() / 2 * config.num_hidden_layers  # the hypernetwork's: per layer, any length
     layers = config.num_hidden_layers
     inputs = batch_size * seq_len * config.hidden_size * 4  # a layer's input, float32
-    weights = dense_params(config) * torch.tensor([], dtype=dtype).element_size()
+    size = torch.tensor([], dtype=dtype).element_size()
+    total_params = dense_params(config)
+    layer_params = sum(p.numel() for p in adapter.layers(model)[1].parameters())
+    rest = total_params - config.num_hidden_layers * layer_params  # embedding, final norm, LM head
+    weights = total_params * size
+    sharded = (total_params / world_size + rest + 2 * layer_params) * size
     # backward's transient buffers: the gradients of the float32 logits and of their log-softmax,
     # and about one layer's activations
     transient = 2 * batch_size * seq_len * config.vocab_size * 4 + per_layer
     hyper = 4 * 4 * sum(p.numel() for p in _hyper_params(adapter, kinds, layers))  # weights, grads, AdamW m, v
+    activations = hyper + masks + other + transient
+    plain = activations + first + (layers - 1) * per_layer
+    checkpointed = activations + layers * inputs + per_layer
     return {
+        "world_size": world_size,
         "weights": weights,
+        "sharded_weights": sharded,
         "hypernetwork": hyper + masks,
         "per_layer": per_layer,
         "first_layer": first,
         "head_and_loss": other,
         "backward": transient,
-        "plain": weights + hyper + masks + first + (layers - 1) * per_layer + other + transient,
-        "checkpointed": weights + hyper + masks + layers * inputs + per_layer + other + transient,
+        "plain": weights + plain,
+        "checkpointed": weights + checkpointed,
+        "plain_fsdp": sharded + plain,
+        "checkpointed_fsdp": sharded + checkpointed,
     }
 
 
@@ -118,10 +138,15 @@ def _hyper_params(adapter, kinds, layers: int):
 
 
 def format_plan(m: dict, name: str, dtype: torch.dtype, batch_size: int, seq_len: int, layers: int) -> list[str]:
-    gb = 1e9
+    gb, n = 1e9, m["world_size"]
     held = str(dtype).removeprefix("torch.")
+    each = "" if n == 1 else f", {-(-batch_size // n)} per process; each of {n} processes"
+    sharded = [] if n == 1 else [
+        f"  sharded (--shard fsdp): weights held     {m['sharded_weights'] / gb:8.2f} GB",
+        f"  sharded step total, all layers saved    {m['plain_fsdp'] / gb:8.2f} GB",
+        f"  sharded step total, layers checkpointed {m['checkpointed_fsdp'] / gb:8.2f} GB"]
     return [
-        f"DISP training memory for {name} ({layers} layers; batch {batch_size} x {seq_len} tokens):",
+        f"DISP training memory for {name} ({layers} layers; batch {batch_size} x {seq_len} tokens{each}):",
         f"  dense weights ({held})                 {m['weights'] / gb:8.2f} GB",
         f"  hypernetwork, its masks and AdamW       {m['hypernetwork'] / gb:8.2f} GB",
         f"  saved activations per layer (float32)   {m['per_layer'] / gb:8.2f} GB",
@@ -129,4 +154,5 @@ def format_plan(m: dict, name: str, dtype: torch.dtype, batch_size: int, seq_len
         f"  backward's transient gradients          {m['backward'] / gb:8.2f} GB",
         f"  step total, all layers saved (CPU)      {m['plain'] / gb:8.2f} GB",
         f"  step total, layers checkpointed (CUDA)  {m['checkpointed'] / gb:8.2f} GB",
+        *sharded,
     ]

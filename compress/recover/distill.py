@@ -26,15 +26,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from compress.adapters import get_adapter
 from compress.checkpoint import Checkpoint, StateStore, fingerprint, result_digest
+from compress.distributed import World
 from compress.methods.base import PruneResult
 from compress.recover import DEFAULTS
 from compress.recover.budget import choose_lora, step_flops, training_bytes
 from compress.recover.lora import add_lora, lora_params, merge_lora
 from compress.recover.writeback import check_round_trip, trainable, write_back
+from compress.sharding import training_device, training_model
 from compress.slimming import slim_config, slim_model, slim_state_dict
 from compress.training import Batches, budget_steps, checkpointed, frozen
 
@@ -81,12 +84,12 @@ def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def held_out_kl(student, teacher, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean KL(teacher || student) per token over `windows`, every position."""
-    device = next(teacher.parameters()).device
+    device, own = next(teacher.parameters()).device, next(student.parameters()).device
     total, tokens = 0.0, 0
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)
         t = teacher(input_ids=x, use_cache=False).logits.float().log_softmax(-1)
-        total += _kl(student(input_ids=x, use_cache=False).logits, t).item() * x.numel()
+        total += _kl(student(input_ids=x.to(own), use_cache=False).logits.to(device), t).item() * x.numel()
         tokens += x.numel()
     return total / tokens
 
@@ -105,22 +108,27 @@ def _schedule(opt, steps: int, warmup: float):
 
 def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | None = None, budget: float | None = None,
             lr: float | None = None, lora: bool | None = None, seed: int = 0, held_out: torch.Tensor | None = None,
-            progress: bool = True, store: StateStore | None = None, **settings) -> Recovered:
+            progress: bool = True, store: StateStore | None = None, world: World | None = None,
+            **settings) -> Recovered:
     """Distil the slim model of `result` from the dense `model` on calibration windows `calib`
     [n, seq_len]; returns the same plan with the trained tensors merged into `replaced`.
 
     steps: default what fits `budget` FLOPs (default: about an hour of the device, as DISP's;
     `compress.training.BUDGETS`). lora: None chooses from a memory estimate. held_out: windows for
     the before/after KL (default: `eval_windows` calibration windows set aside). store: where the
-    training state is saved as it goes and resumed from (compress.checkpoint). Other settings:
+    training state is saved as it goes and resumed from (compress.checkpoint). world: the processes
+    that train together (compress.distributed), each on its share of every batch (`batch_size` is
+    the global batch), the student's gradients averaged (DDP) and the teacher held as
+    `world.shard` says (compress.sharding); every one calls `recover` alike. Other settings:
     `DEFAULTS`.
     """
+    world = world or World()
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"recover: unknown settings {sorted(unknown)}")
     s = {**DEFAULTS, **settings}
     adapter, plan = get_adapter(model.config), result.plan
-    device = next(model.parameters()).device
+    device = training_device(model, world)
     cuda = device.type == "cuda"
     if held_out is None:
         calib, held_out = split_windows(calib, min(s["eval_windows"], calib.shape[0] // 4 or 1))
@@ -141,7 +149,9 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
         t0 = time.perf_counter()
         run = fingerprint(model, adapter, calib, loop="recover", start=result_digest(plan, result.replaced),
                           **{**s, "steps": steps, "lr": lr, "lora": lora, "seed": seed})
-        trained, trace = _train(model, student, calib, gen, steps, lr, lora, s, progress, store, run)
+        with training_model(model, adapter, world) as (teacher, _):
+            trained, trace = _train(teacher, student, calib, gen, steps, lr, lora, s, progress and world.writer,
+                                    store, run, world)
         seconds = time.perf_counter() - t0
         kl_after = held_out_kl(trained, model, held_out)
     before = slim_state_dict(model, adapter, plan, result.replaced)
@@ -162,13 +172,14 @@ def recover(model, result: PruneResult, calib: torch.Tensor, *, steps: int | Non
 
 
 def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dict, progress: bool,
-           store: StateStore | None, run: dict):
+           store: StateStore | None, run: dict, world: World):
     """The training loop: (the trained plain student, the training KL of every step); its state saved
     in `store` and resumed from there when `run`, its fingerprint, matches."""
-    device = next(model.parameters()).device
+    device = next(student.parameters()).device
     cuda = device.type == "cuda"
     net = add_lora(student, s["rank"]) if lora else student
     params = [p for p in net.parameters() if p.requires_grad]
+    run_net = net if world.size == 1 else DistributedDataParallel(net)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, s["warmup"])
     ckpt = checkpointed(student.model.layers) if cuda else contextlib.nullcontext()
@@ -182,17 +193,17 @@ def _train(model, student, calib, gen, steps: int, lr: float, lora: bool, s: dic
                initial=start, total=steps)
     with ckpt, state:
         for step in bar:
-            x = next(stream).to(device)
+            x = world.share(next(stream)).to(device)
             with torch.no_grad(), autocast:
                 teacher = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)
             with autocast:
-                kl = _kl(net(input_ids=x, use_cache=False).logits, teacher)
+                kl = _kl(run_net(input_ids=x, use_cache=False).logits, teacher)
             opt.zero_grad(set_to_none=True)
             kl.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            trace.append(kl.item())
+            trace.append(world.mean(kl.detach()).item())  # over the global batch
             running = trace[-1] if running is None else 0.95 * running + 0.05 * trace[-1]
             bar.set_postfix({"kl": f"{running:.4f}"})
             state.after_step(step + 1, steps, {"trace": trace})
