@@ -4,9 +4,9 @@ copy sharded over the processes with FSDP2 (`fsdp`, `torch.distributed.fsdp.full
 Sharded, each process holds 1/N of every decoder layer's weights on its device and a layer's whole
 weights only while that layer runs (forward, and again in backward); the embedding, final norm and
 LM head are one more unit, whole for the step. The copy is built on the meta device, sharded layer
-by layer, materialised on the training device and filled from the held model's full state dict
-(each process keeps its own shard of it); its buffers (rotary tables, which state dicts leave out)
-are copied. The held model is untouched: after training, rank 0 prunes, checks and writes from it.
+by layer, materialised on the training device, and each process copies its own shard of every
+weight from the held model (no messages: every process holds the whole model) and the buffers
+(rotary tables). The held model is untouched: after training, rank 0 prunes, checks and writes from it.
 So on CUDA the held model stays in host memory and only shards go to the GPUs, which is what lets
 a model larger than one GPU train on several; on CPU sharding saves nothing (the host holds the
 whole model anyway) and gloo runs it to prove the path.
@@ -54,9 +54,9 @@ def training_model(model, adapter: Adapter, world: World):
     if world.shard != "fsdp" or world.size == 1:
         yield model, next(model.parameters()).device
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
 
     device = training_device(model, world)
     with torch.device("meta"):
@@ -67,11 +67,13 @@ def training_model(model, adapter: Adapter, world: World):
         fully_shard(layer, mesh=mesh)
     fully_shard(copy, mesh=mesh)
     copy.to_empty(device=device)
-    set_model_state_dict(copy, model.state_dict(), options=StateDictOptions(full_state_dict=True))
-    held = dict(model.named_buffers())
+    weights, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     with torch.no_grad():
+        for name, p in copy.named_parameters():  # this process's shard, cut from its own whole tensor
+            shard = distribute_tensor(weights[name].detach(), mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
         for name, buf in copy.named_buffers():
-            buf.copy_(held[name])
+            buf.copy_(buffers[name])
     copy.eval().requires_grad_(False)
     try:
         yield copy, device

@@ -93,6 +93,40 @@ def test_a_stopped_recovery_resumes_to_the_same_tensors(tmp_path, monkeypatch):
         recover(model, result, calib, store=store, **{**settings, "steps": 11})
 
 
+@pytest.mark.parametrize("stop", [3, 4])  # the end of the first iteration; a generation into the second
+def test_a_stopped_tyr_search_resumes_to_the_same_plan(tmp_path, monkeypatch, stop):
+    """Týr's search (2 iterations x 3 generations) stopped after a save and run again: the same
+    plan, refitted tensors and trace as one run (the supernet rebuilt from the saved centres, the
+    offspring's generator where it was)."""
+    from compress.adapters import get_adapter
+    from compress.methods.tyr import Tyr
+
+    model = tiny_model("llama")
+    calib = torch.randint(0, 4096, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(store=None):
+        tyr = Tyr(iterations=2, generations=3, offspring=6, fidelity_windows=[1, 2], hessian_windows=4)
+        tyr.store = store
+        result = tyr.prune(model, get_adapter(model.config), 0.5, calib, seed=0)
+        return result, tyr.trace
+
+    (whole, trace), store, after_step = run(), StateStore(tmp_path, every=0), Checkpoint.after_step
+
+    def exit_at(self, step, steps, extra):
+        after_step(self, step, steps, extra)
+        if step == stop:
+            raise SystemExit("stopped")
+
+    monkeypatch.setattr(Checkpoint, "after_step", exit_at)
+    with pytest.raises(SystemExit):
+        run(store)
+    monkeypatch.setattr(Checkpoint, "after_step", after_step)
+    resumed, resumed_trace = run(store)
+    assert resumed.plan.to_dict() == whole.plan.to_dict() and resumed_trace == trace
+    assert resumed.replaced.keys() == whole.replaced.keys()
+    assert all(torch.equal(resumed.replaced[k], whole.replaced[k]) for k in whole.replaced)
+
+
 def test_a_state_from_other_settings_is_refused(dense, tmp_path, capsys):
     out = tmp_path / "slim"
     store = StateStore(partial_folder(out), every=0)

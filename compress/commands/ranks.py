@@ -37,7 +37,7 @@ SAVE_EVERY = 300.0  # seconds between saves of the training state, by default
 def add_save_argument(g) -> None:
     """--save-every, for every command that trains."""
     g.add_argument("--save-every", type=float, default=SAVE_EVERY, metavar="SECONDS",
-                   help="training (disp, tyr+disp, recover): save its state to OUT.partial/ this often and on "
+                   help="training and search (disp, tyr, tyr+disp, recover): save its state to OUT.partial/ this often and on "
                         "Ctrl-C; the same command run again resumes from it; 0: never")
 
 

@@ -22,7 +22,8 @@ the float32 logits and their log-softmax, and about one layer's activations.
 With N processes (`world_size`) each runs its share of the batch. Replicated, each holds the whole
 dense model; sharded (FSDP2, compress.sharding), each holds 1/N of all weights plus, whole, the
 embedding, final norm and LM head (one unit, gathered for the whole step) and two decoder layers
-(the one running and the next, prefetched).
+(the one running and the next, prefetched), each gathered unit twice (FSDP2 gathers into one
+buffer and copies out of it into the unit's parameters).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def training_memory(config, dtype: torch.dtype, settings: dict, batch_size: int,
     layer_params = sum(p.numel() for p in adapter.layers(model)[1].parameters())
     rest = total_params - config.num_hidden_layers * layer_params  # embedding, final norm, LM head
     weights = total_params * size
-    sharded = (total_params / world_size + rest + 2 * layer_params) * size
+    sharded = (total_params / world_size + 2 * (rest + 2 * layer_params)) * size
     # backward's transient buffers: the gradients of the float32 logits and of their log-softmax,
     # and about one layer's activations
     transient = 2 * batch_size * seq_len * config.vocab_size * 4 + per_layer

@@ -22,6 +22,12 @@
 4. The best assignment is pruned once more sequentially (each layer's Hessian from the
    already-pruned layers below it), and its o_proj / down_proj go into `replaced`.
 
+The search saves its position after every generation (`store`, compress.checkpoint): the
+iteration's centres, the best assignment, the offspring's generator; a resumed run rebuilds that
+iteration's supernet from the centres and goes on. Under several processes the candidates are
+scored in turns; the supernet is built alike on every process (each sublayer's Hessian depends on
+the expected weights of the sublayer before it, and OBS levels are progressive: no split).
+
 Differences from the paper (CPU-sized defaults): 3 iterations x 6 generations x 16 offspring
 instead of 4 x 50 x 128; fitness windows 1 / 4 / 16 calibration windows instead of 2K / 16K /
 128K tokens; the saliency is the second-order term only (the first-order one vanishes when
@@ -44,6 +50,7 @@ from tqdm.auto import tqdm
 from compress import memory
 
 from compress.adapters import Adapter, Geometry
+from compress.checkpoint import Checkpoint, fingerprint
 from compress.masking import replaced_weights
 from compress.methods.base import PruneResult, register
 from compress.methods.options import DEFAULTS
@@ -148,6 +155,24 @@ def _grouped_linear(w: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
+class _Position:
+    """Where the search is, as a resumable state (compress.checkpoint): the counts the iteration
+    started from (its supernet's centres), the best so far, and the offspring's random generator."""
+
+    def __init__(self, counts: list[int], rng: random.Random):
+        self.start, self.parent, self.rng = list(counts), list(counts), rng
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        version, words, gauss = self.rng.getstate()
+        assert version == 3 and gauss is None  # the search draws integers only
+        return {"start": torch.tensor(self.start), "parent": torch.tensor(self.parent),
+                "rng": torch.tensor(words, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.start, self.parent = state["start"].tolist(), state["parent"].tolist()
+        self.rng.setstate((3, tuple(state["rng"].tolist()), None))
+
+
 @register
 class Tyr(CalibratedMethod):
     """Supernet of OBS-pruned sublayers, elitist evolutionary search of per-sublayer sparsity."""
@@ -171,18 +196,25 @@ class Tyr(CalibratedMethod):
         fid = [min(n, calib.shape[0]) for n in s["fidelity_windows"]]
         windows = calib[calib.shape[0] - max(fid):]
         dense = self._logprobs(model, windows)
-        rng = random.Random(seed)
         counts = space.uniform(ratio)
         budget = space.removed(counts)
-        self.trace = []  # per iteration: (fitness of the best, removed parameters of every offspring scored)
-        with tempfile.TemporaryDirectory(prefix="tyr-supernet-") as spill:
-            for it in range(s["iterations"]):
+        pos = _Position(counts, random.Random(seed))
+        gens = s["generations"]
+        run = fingerprint(model, adapter, calib, method=self.name, ratio=ratio, seed=seed, **s)
+        state = Checkpoint(self.store, "tyr", run, {"search": pos}, dense.device)
+        done, saved = state.restore()  # generations done, over all iterations
+        self.trace = [tuple(t) for t in saved.get("trace", [])]  # per iteration: (best fitness, offspring removed)
+        with tempfile.TemporaryDirectory(prefix="tyr-supernet-") as spill, state:
+            for it in range(done // gens if gens else 0, s["iterations"]):
+                if not gens or done % gens == 0:  # an iteration from its start
+                    pos.start, saved = list(pos.parent), {}
                 steps = [max(1, round(FIRST_STEP / 2 ** it * space.units(t))) for t in (0, 1)]
-                variants = self._supernet(model, adapter, space, hess, counts, steps, Path(spill))
-                counts, best, scored = self._search(model, space, variants, counts, steps, budget, windows,
-                                                    dense, fid, rng, f"tyr {it + 1}/{s['iterations']}")
+                variants = self._supernet(model, adapter, space, hess, pos.start, steps, Path(spill))
+                best, scored = self._search(model, space, variants, steps, budget, windows, dense, fid, pos,
+                                            f"tyr {it + 1}/{s['iterations']}", state, it, saved)
                 self.trace.append((best, scored))
-        counts = space.repair(counts, ratio)
+                done = (it + 1) * gens
+        counts = space.repair(list(pos.parent), ratio)
         weights, orders = self._final(model, adapter, space, hess, counts)
         plan = Plan(layers=space.layer_plans(orders, counts), method=self.name,
                     settings={**s, "head_granularity": granularity}, seed=seed)
@@ -233,8 +265,11 @@ class Tyr(CalibratedMethod):
             variants.append(memory.OnDisk(spill, ws) if on_disk else ws)
         return variants
 
-    def _search(self, model, space: _Space, variants, counts, steps, budget, windows, dense, fid, rng, desc):
-        s = self.settings
+    def _search(self, model, space: _Space, variants, steps, budget, windows, dense, fid, pos, desc,
+                state: Checkpoint, it: int, saved: dict):
+        """Generations of iteration `it` from `pos` (and `saved`, a resumed search's best and scored
+        so far); `state` saves after each. (best fitness, removed parameters of every offspring)."""
+        s, rng, gens = self.settings, pos.rng, self.settings["generations"]
 
         def fitness(cands, n):
             return self._fitness(model, space, variants, cands, windows[:n], dense[:n])
@@ -255,11 +290,12 @@ class Tyr(CalibratedMethod):
                     return child
             return None
 
-        parent, top = list(counts), fid[-1]
-        best, = fitness([parent], top)
-        scored = []
-        bar = tqdm(range(s["generations"]), desc=desc, unit="gen", dynamic_ncols=True)
-        for _ in bar:
+        parent, top = pos.parent, fid[-1]
+        best, scored = saved["best"] if saved else fitness([parent], top)[0], saved.get("scored", [])
+        first = saved.get("generation", 0)
+        bar = tqdm(range(first, gens), desc=desc, unit="gen", dynamic_ncols=True, initial=first, total=gens,
+                   disable=not self.world.writer)
+        for gen in bar:
             kids = [k for k in (mutate(parent) for _ in range(s["offspring"])) if k is not None]
             scored += [space.removed(k) for k in kids]
             for n, keep in zip(fid[:-1], (max(1, len(kids) // 4), max(1, len(kids) // 16))):
@@ -268,8 +304,12 @@ class Tyr(CalibratedMethod):
             for k, f in zip(kids, fitness(kids, top)):
                 if f < best:
                     parent, best = k, f
+            pos.parent = parent
             bar.set_postfix(kl=f"{best:.4f}")
-        return parent, best, scored
+            state.after_step(it * gens + gen + 1, s["iterations"] * gens,
+                             {"trace": self.trace + ([(best, scored)] if gen + 1 == gens else []), "best": best,
+                              "scored": scored, "generation": gen + 1})
+        return best, scored
 
     def _fitness(self, model, space: _Space, variants, cands, windows, dense) -> list[float]:
         """KL(dense || candidate) per token on `windows`, for each candidate.

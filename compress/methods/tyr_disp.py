@@ -35,7 +35,7 @@ class TyrDisp(Method):
     def prune(self, model, adapter: Adapter, ratio: float, calib: torch.Tensor | None, seed: int) -> PruneResult:
         g = adapter.geometry()
         tyr = Tyr(**{k: self.settings[k] for k in Tyr.defaults})
-        tyr.world = self.world
+        tyr.store, tyr.world = self.store, self.world
         searched = tyr.prune(model, adapter, ratio, calib, seed).plan
         targets = [linear_params(g, lp) / linear_params(g) for lp in searched.layers]
         disp = DISP(**{k: self.settings[k] for k in _DISP_KEYS}, layer_targets=targets)
