@@ -1,8 +1,8 @@
 """What tests/test_distributed.py runs under torchrun (and, for one process, in itself).
 
     python -m torch.distributed.run --nproc-per-node 2 tests/ranks_driver.py train OUT.json
-        DISP on a tiny model, data-parallel, the frozen model replicated and then sharded (FSDP2),
-        then recovery of a magnitude plan, data-parallel and sharded; rank 0 writes the plans,
+        DISP on a tiny model, data-parallel, the frozen model replicated and then sharded (FSDP2,
+        with the paper's objective and with --objective kl), then recovery of a magnitude plan, data-parallel and sharded; rank 0 writes the plans,
         loss traces and recovered tensors as JSON.
     python -m torch.distributed.run --nproc-per-node 2 tests/ranks_driver.py search OUT.json
         Týr on a tiny model, the ranks scoring candidates in turns; rank 0 writes plan and trace.
@@ -35,12 +35,12 @@ METHODS = {"train": (DISP, {"steps": 20, "batch_size": 4, "lr": 1e-2}),
                             "hessian_windows": 8})}
 
 
-def train(world: World, mode: str = "train") -> dict:
+def train(world: World, mode: str = "train", **extra) -> dict:
     """The plan and trace (DISP: per-step losses; Týr: per-iteration fitness) on a tiny Llama, this
     process doing its share."""
     model = tiny_model("llama")
     cls, settings = METHODS[mode]
-    method = cls(**settings)
+    method = cls(**settings, **extra)
     method.world = world
     plan = method.prune(model, get_adapter(model.config), 0.5, CALIB, seed=0).plan
     return {"plan": plan.to_dict(), "trace": method.trace}
@@ -73,7 +73,8 @@ if __name__ == "__main__":
         result = train(world, sys.argv[1])
         if sys.argv[1] == "train":
             world.shard = "fsdp"
-            result = {"replicate": result, "fsdp": train(world), "recover": recovered(world)}
+            result = {"replicate": result, "fsdp": train(world), "kl": train(world, objective="kl"),
+                      "recover": recovered(world)}
         if world.writer:
             Path(sys.argv[2]).write_text(json.dumps(result))
         world.close()

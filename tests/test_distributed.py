@@ -57,14 +57,15 @@ def dense(tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_what_one_does(tmp_path):
-    """DISP with the frozen model replicated and sharded (FSDP2), and recovery: one process's losses,
-    plan and trained tensors."""
+    """DISP with the frozen model replicated and sharded (FSDP2; --objective kl too), and recovery:
+    one process's losses, plan and trained tensors."""
     res = torchrun(str(DRIVER), "train", str(tmp_path / "two.json"))
     assert res.returncode == 0, res.stderr[-3000:]
-    runs, one = json.loads((tmp_path / "two.json").read_text()), train(World())
-    for two in (runs["replicate"], runs["fsdp"]):
-        assert torch.allclose(torch.tensor(two["trace"]), torch.tensor(one["trace"]), rtol=1e-5, atol=1e-6)
-        assert flipped(one["plan"], two["plan"]) < 0.01
+    runs = json.loads((tmp_path / "two.json").read_text())
+    one, kl = train(World()), train(World(), objective="kl")
+    for two, alone in ((runs["replicate"], one), (runs["fsdp"], one), (runs["kl"], kl)):
+        assert torch.allclose(torch.tensor(two["trace"]), torch.tensor(alone["trace"]), rtol=1e-5, atol=1e-6)
+        assert flipped(alone["plan"], two["plan"]) < 0.01
     alone = recovered(World())
     assert runs["recover"]["kl"] == pytest.approx(alone["kl"], rel=1e-5)
     assert alone["tensors"].keys() == runs["recover"]["tensors"].keys()
