@@ -143,7 +143,8 @@ def format_plan(m: dict, name: str, dtype: torch.dtype, batch_size: int, seq_len
     held = str(dtype).removeprefix("torch.")
     each = "" if n == 1 else f", {-(-batch_size // n)} per process; each of {n} processes"
     sharded = [] if n == 1 else [
-        f"  sharded (--shard fsdp): weights held     {m['sharded_weights'] / gb:8.2f} GB",
+        f"  sharded (--shard fsdp): weights held     {m['sharded_weights'] / gb:8.2f} GB  (gather buffers "
+        "beyond one copy per unit not counted)",
         f"  sharded step total, all layers saved    {m['plain_fsdp'] / gb:8.2f} GB",
         f"  sharded step total, layers checkpointed {m['checkpointed_fsdp'] / gb:8.2f} GB"]
     return [
