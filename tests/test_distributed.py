@@ -104,7 +104,8 @@ def test_a_failing_rank_stops_all_and_the_command_resumes_under_torchrun(dense, 
 
 def test_recovery_after_a_rank_0_method_under_torchrun_with_fsdp(dense, tmp_path):
     """FLAP runs on rank 0 alone and hands its result over; both ranks recover it, the teacher
-    sharded: the export is one process's (the same plan, the weights equal within float error)."""
+    sharded: the export is one process's (the same plan, the weights equal within float error);
+    `compress recover` under torchrun too."""
     from safetensors.torch import load_file
 
     command = ["--method", "flap", "--ratio", "0.5", "--seq-len", "16", "--calib-samples", "12", "--eval-windows",
@@ -116,6 +117,15 @@ def test_recovery_after_a_rank_0_method_under_torchrun_with_fsdp(dense, tmp_path
     assert res.stdout.count(f"wrote {two}") == 1
     assert (one / "plan.json").read_text() == (two / "plan.json").read_text()
     a, b = (load_file(d / "model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    again = ["recover", str(one), "--teacher", str(dense), "--steps", "2", "--batch-size", "4", "--seq-len", "16",
+             "--calib-samples", "12", "--eval-windows", "0"]  # `compress recover` on a folder, likewise
+    assert main([*again, "--out", str(tmp_path / "r1")]) == 0
+    res = torchrun("-m", "compress", *again, "--out", str(tmp_path / "r2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1 and not (tmp_path / "r2.partial").exists()
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("r1", "r2"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args)
     step_bytes = (lambda: _step_plan(args)[0]) if args.method in ("disp", "tyr+disp") else None
-    return run_ranks(args, _run, METHODS[args.method].data_parallel, step_bytes)
+    return run_ranks(args, _run, METHODS[args.method].data_parallel, step_bytes, recover=args.recover)
 
 
 def _run(args: argparse.Namespace, session) -> int:

@@ -34,16 +34,11 @@ SHARDING = ("auto", "replicate", "fsdp")
 SAVE_EVERY = 300.0  # seconds between saves of the training state, by default
 
 
-def add_save_argument(g) -> None:
-    """--save-every, for every command that trains."""
-    g.add_argument("--save-every", type=float, default=SAVE_EVERY, metavar="SECONDS",
-                   help="training and search (disp, tyr, tyr+disp, recover): save its state to OUT.partial/ this often and on "
-                        "Ctrl-C; the same command run again resumes from it; 0: never")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resuming, and several processes (torchrun, accelerate launch)")
-    add_save_argument(g)
+    g.add_argument("--save-every", type=float, default=SAVE_EVERY, metavar="SECONDS",
+                   help="training and search (disp, tyr, tyr+disp, recover): save its state to OUT.partial/ this "
+                        "often and on Ctrl-C; the same command run again resumes from it; 0: never")
     g.add_argument("--shard", choices=SHARDING, default="auto",
                    help="under torchrun, how DISP's and --recover's training holds the frozen dense model: "
                         "replicate = whole on every device; fsdp = FSDP2 shards, 1/N of each layer's weights per "
@@ -95,10 +90,11 @@ class Session:
         self.world.outcome(True)
 
 
-def run_ranks(args: argparse.Namespace, body, data_parallel: bool, step_bytes=None) -> int:
+def run_ranks(args: argparse.Namespace, body, data_parallel: bool, step_bytes=None, recover: bool = False) -> int:
     """`body(args, session)` in this process's session; one line per rank for any error.
     `data_parallel`: the method trains on every rank; `step_bytes()`: a replicated DISP step's bytes
-    (for `--shard auto`; None where the method is not DISP)."""
+    (for `--shard auto`; None where the method is not DISP); `recover`: recovery follows (every rank
+    trains it)."""
     import torch
 
     from compress.checkpoint import StateStore, partial_folder
@@ -106,7 +102,6 @@ def run_ranks(args: argparse.Namespace, body, data_parallel: bool, step_bytes=No
     from compress.loading import resolve_device
     from compress.sharding import resolve_shard
 
-    recover = getattr(args, "recover", False)
     if args.shard == "fsdp" and step_bytes is None and not recover:
         raise CompressError(f"--shard fsdp shards the frozen model of DISP's training and --recover's; "
                             f"--method {args.method} trains neither: drop --shard")

@@ -56,7 +56,7 @@ def recover_result(args: argparse.Namespace, model, result, calib, store=None, w
 
 def configure(p: argparse.ArgumentParser) -> None:
     from compress.commands.export import add_scope_argument
-    from compress.commands.ranks import add_save_argument
+    from compress.commands.ranks import add_arguments as add_ranks_arguments
     from compress.threads import add_threads_argument
 
     p.add_argument("folder", type=Path, help="a slim folder written by `compress export`")
@@ -77,16 +77,24 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="windows per held-out text, spread evenly over each, for the report's perplexity/KL (0 to skip)")
     add_scope_argument(p)
     add_threads_argument(p)
-    add_save_argument(p)
+    add_ranks_arguments(p)
     add_recover_arguments(p, prefix="--")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun every process trains its share of each batch; rank 0 checks and writes."""
+    from compress.commands.ranks import run_ranks
+
+    folder = args.folder.resolve()
+    args.out = (args.out or folder.with_name(folder.name + "-recovered")).resolve()
+    return run_ranks(args, _run, data_parallel=True, recover=True)
+
+
+def _run(args: argparse.Namespace, session) -> int:
     import json
 
     from compress.adapters import get_adapter
-    from compress.checkpoint import StateStore, partial_folder
-    from compress.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from compress.loading import load_model, load_tokenizer, resolve_dtype
     from compress.methods.base import PruneResult
     from compress.pipeline import export
     from compress.plan import model_identity
@@ -96,22 +104,24 @@ def run(args: argparse.Namespace) -> int:
     from validation.folder_checks import load_export
     from validation.report import summary_lines
 
-    folder = args.folder.resolve()
-    out = (args.out or folder.with_name(folder.name + "-recovered")).resolve()
+    folder, out = args.folder.resolve(), args.out
     check_destination(out, args.overwrite)
     report, plan, replaced = load_export(folder)
     base = args.teacher or report.get("base_model")
     base = None if base in (None, "reference") else base
     dtype = resolve_dtype(json.loads((folder / "config.json").read_text()).get("dtype", "float32"))
-    device = resolve_device(args.device)
+    device = session.device
     model = load_model(base, dtype="auto", export_dtype=dtype, device=device)
     plan.check_identity(model_identity(model, get_adapter(model.config).geometry()))
     tokenizer = load_tokenizer(folder)
     calib_text = load_text(args.calib or default_calibration(base).path)
     calib = calibration_windows(token_stream(tokenizer, calib_text), args.seq_len, args.calib_samples)
     print(f"teacher {base or 'the reference model'} on {device}; training windows {tuple(calib.shape)}")
-    store = StateStore(partial_folder(out), args.save_every) if args.save_every > 0 else None
-    result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device), store)
+    result, record = recover_result(args, model, PruneResult(plan, replaced), calib.to(device), session.store,
+                                    session.world)
+    if not session.world.writer:
+        return session.wait()
+    session.trained = True
     quality = _quality(model, result, tokenizer, args, device, report.get("calibration")) if args.eval_windows else []
     extra = {k: report[k] for k in ("base_model", "prune_seconds", "calibration") if k in report}
     final = export(model, result, out, tokenizer=tokenizer, calib=calib, dtype=dtype, overwrite=args.overwrite,
@@ -120,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(final):
         print(line)
     print(f"wrote {out}")
-    if store is not None:
-        store.remove()
+    session.done()
     return 0
 
 
