@@ -340,3 +340,31 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert "DISP training memory" in printed and "step total" in printed and "available" in printed
     assert not out.exists()
     assert main(["export", "--method", "flap", "--ratio", "0.5", "--out", str(out), "--dry-run"]) == 2
+
+
+def test_the_plan_per_process_splits_the_batch_and_shards_the_weights(tmp_path, capsys):
+    """N processes: each runs 1/N of the batch (the step's tensors of a 1-process plan at that batch);
+    sharded, each holds 1/N of the weights plus the embedding/LM head unit and two layers, each
+    gathered twice. The dry run prints both; --world-size belongs to the dry run."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.cli import main
+    from compress.methods.disp_memory import training_memory
+    from compress.reference import MODEL_DIR
+
+    config = AutoConfig.from_pretrained(MODEL_DIR)
+    one, two = (training_memory(config, torch.float32, {}, batch_size=b, seq_len=64, world_size=n)
+                for b, n in ((2, 1), (4, 2)))
+    assert two["plain"] == pytest.approx(one["plain"], rel=1e-9) and two["world_size"] == 2
+    model = AutoModelForCausalLM.from_config(config)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    rest = total - config.num_hidden_layers * layer
+    assert two["sharded_weights"] == pytest.approx(4 * (total / 2 + 2 * (rest + 2 * layer)))
+    assert two["plain_fsdp"] == pytest.approx(two["plain"] - two["weights"] + two["sharded_weights"])
+
+    out = tmp_path / "never"
+    assert main(["export", "--method", "disp", "--out", str(out), "--dry-run", "--world-size", "2"]) == 0
+    assert "each of 2 processes" in capsys.readouterr().out
+    assert main(["export", "--method", "disp", "--out", str(out), "--world-size", "2"]) == 2
+    assert "--world-size N (N >= 1) goes with --dry-run" in capsys.readouterr().err

@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from compress.methods import METHODS
 
     check_ratio(args.ratio)
+    if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+        raise CompressError("--world-size N (N >= 1) goes with --dry-run; under torchrun the launcher sets it")
     if args.dry_run:
         return _dry_run(args)
     step_bytes = (lambda: _step_plan(args)[0]) if args.method in ("disp", "tyr+disp") else None
