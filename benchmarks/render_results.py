@@ -28,8 +28,8 @@ RESULTS_MD = HERE / "RESULTS.md"
 README = HERE.parent / "README.md"
 
 # Sections in reading order (any other record comes after these, by name).
-ORDER = ["quality-reference", "quality-smollm2", "zero-shot-smollm2", "probe-reference", "tyr-reference",
-         "disp-reference", "parity-reference", "parity-smollm2", "gguf-parity-smollm2", "speed-smollm2",
+ORDER = ["quality-reference", "quality-smollm2", "zero-shot-smollm2", "quality-table-smollm2", "probe-reference",
+         "tyr-reference", "disp-reference", "parity-reference", "parity-smollm2", "gguf-parity-smollm2", "speed-smollm2",
          "speed-llamacpp-smollm2", "speed-llama2-7b-shape",
          "memory-llama3.2-1b", "memory-llama2-7b"]
 # Sections the documentation expects that have no record from the current code yet: (command, note).

@@ -32,6 +32,13 @@ def _percent(x):
     return None if x is None else 100 * x
 
 
+def task_row(task: str, f: dict) -> dict:
+    """One task's row of COLUMNS (all but the wall time) from validation.zero_shot's figures, in percent."""
+    return {"task": task, "items": f"{f['items']} of {f['of']}", "acc": _percent(f.get("acc")),
+            "acc_stderr": _percent(f.get("acc_stderr")), "acc_norm": _percent(f.get("acc_norm")),
+            "acc_norm_stderr": _percent(f.get("acc_norm_stderr")), "file": f["data"]["file"]}
+
+
 def _one(task: str, args: argparse.Namespace) -> tuple[dict, float]:
     t0 = time.perf_counter()
     res = zero_shot(args.model, [task], args.limit, args.task_data, batch_size=args.batch_size,
@@ -58,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         done = list(pool.map(_one, args.tasks, [args] * len(args.tasks)))
     for task, (res, wall) in zip(args.tasks, done):
         f = results[task] = {**res["tasks"][task], "wall_s": round(wall, 1)}
-        rows.append({"task": task, "items": f"{f['items']} of {f['of']}", "acc": _percent(f.get("acc")),
-                     "acc_stderr": _percent(f.get("acc_stderr")), "acc_norm": _percent(f.get("acc_norm")),
-                     "acc_norm_stderr": _percent(f.get("acc_norm_stderr")), "wall_s": wall, "file": f["data"]["file"]})
+        rows.append({**task_row(task, f), "wall_s": wall})
         print(f"{task}: {rows[-1]}", flush=True)
     text = (f"Zero-shot accuracy of `{Path(args.model).name}` with lm-evaluation-harness {res['lm_eval']} "
             f"(validation/zero_shot.py: lm-eval's own task configs on the local files of benchmarks/data/), "
