@@ -29,7 +29,7 @@ from compress.distributed import World
 from compress.errors import CompressError
 from compress.plan import model_identity, tensor_digest
 
-__all__ = ["StateStore", "Checkpoint", "partial_folder", "fingerprint", "result_digest"]
+__all__ = ["StateStore", "Checkpoint", "partial_folder", "fingerprint", "result_digest", "metadata_of"]
 
 STATE_VERSION = 1
 
@@ -56,6 +56,12 @@ def result_digest(plan, replaced: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
+def metadata_of(data: bytes) -> dict[str, str]:
+    """The string metadata of safetensors bytes (its header: 8 bytes of length, then JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n])["__metadata__"]
+
+
 class StateStore:
     """A folder of training states (`<out>.partial/`), saved every `every` seconds; rank 0 writes."""
 
@@ -73,9 +79,8 @@ class StateStore:
         data = self.world.broadcast_bytes(data)
         if data is None:
             return None
-        n = int.from_bytes(data[:8], "little")
         try:
-            meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["state"])
+            meta = json.loads(metadata_of(data)["state"])
             return load_bytes(data), meta
         except Exception as e:  # a truncated or foreign file (safetensors raises its own error types)
             raise CompressError(f"{self.path(name)}: not a training state ({e}); remove {self.folder} to start "

@@ -75,7 +75,4 @@ def training_model(model, adapter: Adapter, world: World):
         for name, buf in copy.named_buffers():
             buf.copy_(buffers[name])
     copy.eval().requires_grad_(False)
-    try:
-        yield copy, device
-    finally:
-        del copy
+    yield copy, device

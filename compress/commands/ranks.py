@@ -68,6 +68,7 @@ class Session:
             return result
         from safetensors.torch import load, save
 
+        from compress.checkpoint import metadata_of
         from compress.methods.base import PruneResult
         from compress.plan import Plan
 
@@ -76,8 +77,7 @@ class Session:
                                           if self.world.writer else None)
         if self.world.writer:
             return result
-        n = int.from_bytes(data[:8], "little")
-        return PruneResult(Plan.from_dict(json.loads(json.loads(data[8:8 + n])["__metadata__"]["plan"])), load(data))
+        return PruneResult(Plan.from_dict(json.loads(metadata_of(data)["plan"])), load(data))
 
     def wait(self) -> int:
         """A rank other than 0: wait for rank 0's export; 0 if it was written."""
